@@ -1,0 +1,11 @@
+"""Extra commands that live beside the Lightning subcommands in ``python -m src.cli``.
+
+Each entry maps a command name to ``"module:function"``; the function takes the remaining argv
+(``list[str]``) and returns an exit code. Modules are imported only when their command runs, so
+``python -m src.cli fit`` does not pay for them.
+"""
+
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    # name: ("module:function", one-line help)
+    "generate-camer": ("src.commands.generate_camer:main", "write the synthetic CA-MER data set"),
+}
