@@ -1,0 +1,23 @@
+"""AR (attention reallocation): the attention function, its math and the share monitor."""
+
+from src.models.attention.interface import (
+    install_reallocator,
+    reallocated,
+    restore_attention,
+    unique_name,
+    unwrap_backbone,
+)
+from src.models.attention.reallocator import Reallocator
+from src.models.attention.share_monitor import ShareMonitor
+from src.models.attention.spans import MONITORED
+
+__all__ = [
+    "MONITORED",
+    "Reallocator",
+    "ShareMonitor",
+    "install_reallocator",
+    "reallocated",
+    "restore_attention",
+    "unique_name",
+    "unwrap_backbone",
+]
