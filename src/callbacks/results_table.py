@@ -1,0 +1,47 @@
+"""Prints the per-subset results table after testing and says where the MLflow run is."""
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from src.data.records import SUBSETS
+from src.tracking.artifacts import mlflow_logger
+
+
+def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str:
+    """A plain-text table of overall and per-subset metrics (missing entries shown as '-')."""
+
+    def cell(key: str) -> str:
+        value = metrics.get(f"{prefix}/{key}")
+        return "-" if value is None else f"{100 * float(value):6.2f}"
+
+    rows = [("overall", cell("acc"), cell("f1_weighted"))]
+    rows += [(subset, cell(f"{subset}/acc"), "") for subset in SUBSETS]
+    lines = [f"{'subset':<15} {'acc %':>7} {'wF1 %':>7}", "-" * 31]
+    lines += [f"{name:<15} {acc:>7} {f1:>7}" for name, acc, f1 in rows]
+    lines.append("-" * 31)
+    lines.append(f"{'modality_gap':<15} {cell('modality_gap'):>7}   (audio_aligned - video_aligned)")
+    return "\n".join(lines)
+
+
+class ResultsTable(Callback):
+    """At the end of ``test``: print the CA-MER table and the MLflow run to open.
+
+    Args:
+        prefix: Metric namespace to read (``test``).
+    """
+
+    def __init__(self, prefix: str = "test") -> None:
+        self.prefix = prefix
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
+        print("\n" + format_results_table(metrics, self.prefix))
+        logger = mlflow_logger(trainer)
+        if logger is not None:
+            uri = logger.experiment.tracking_uri
+            print(
+                f"MLflow run {logger.run_id} (experiment {logger._experiment_name!r}) in {uri}\n"
+                f"  open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+            )

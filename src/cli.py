@@ -1,0 +1,76 @@
+"""``python -m src.cli``: LightningCLI subcommands (fit, validate, test, predict) plus extra ones.
+
+With no ``--config``, ``conf/default.yaml`` (the embedded CPU demo) is used. After ``fit`` the best
+checkpoint is tested on the test split (turn off with ``--test_after_fit false``).
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from src.commands.registry import EXTRA_COMMANDS
+from src.tracking.config_artifact import LogConfigToMLflow
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class MoSEARCLI(LightningCLI):
+    """LightningCLI with the data module's tokenizer, labels and streams linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in (
+            ("data.tokenizer_path", "model.init_args.tokenizer"),
+            ("data.label_names", "model.init_args.labels"),
+            ("data.streams", "model.init_args.streams"),
+        ):
+            parser.link_arguments(source, target, apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, test the best checkpoint (by validation) on the test split.",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
+            has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS and not any(a.startswith("--config") for a in argv):
+        return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
+    return argv
+
+
+def _run_extra(name: str, argv: list[str]) -> int:
+    target, _ = EXTRA_COMMANDS[name]
+    module_name, function = target.split(":")
+    return int(getattr(importlib.import_module(module_name), function)(argv) or 0)
+
+
+def main(args: list[str] | None = None) -> MoSEARCLI | int:
+    """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])``)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return _run_extra(argv[0], argv[1:])
+    return MoSEARCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigToMLflow,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        args=_with_default_config(argv),
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    # Hand argv over explicitly (LightningCLI warns when it sees both args and sys.argv).
+    cli_args, sys.argv = sys.argv[1:], sys.argv[:1]
+    result = main(cli_args)
+    if isinstance(result, int):
+        sys.exit(result)

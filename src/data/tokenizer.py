@@ -1,0 +1,52 @@
+"""Local tokenizers: a word-level tokenizer trained on a closed vocabulary, or one from a checkpoint.
+
+Tiny demo models have no checkpoint to bring a tokenizer, so the synthetic data set trains a
+word-level tokenizer on its own vocabulary (prompt template, subtitles, label words) with the
+``tokenizers`` library and saves it beside the data. Real checkpoints bring their own tokenizer in
+their local directory. Nothing is downloaded.
+"""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
+
+
+def build_word_tokenizer(words: Iterable[str], save_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Train a lower-casing word-level tokenizer over ``words`` and save it to ``save_dir``."""
+    specials = list(SPECIAL_TOKENS.values())
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(specials)}
+    for word in sorted({w.lower() for w in words} - set(specials)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # BOS is added by the prompt builder, so the tokenizer adds nothing on its own.
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory; a hub id or missing folder fails with advice."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {str(path)!r} does not exist. Weights and tokenizers are only read "
+            "from local directories: download the checkpoint (e.g. `huggingface-cli download <id> "
+            "--local-dir <dir>` on a machine with network) and set the config to that directory."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token is None:
+        # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,72 @@
+"""Builds the frozen causal-LM backbone: from a local checkpoint directory or from a config."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``float32``/``bfloat16``/``float16`` -> torch dtype, with a clear error otherwise."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {list(_DTYPES)}") from None
+
+
+def build_backbone(
+    path: str | None = None,
+    config: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A frozen ``AutoModelForCausalLM``.
+
+    Args:
+        path: Local checkpoint directory (LLaMA-2-7B, Emotion-LLaMA, ...). Never a hub id:
+            nothing is downloaded.
+        config: Keyword arguments of a model config (``model_type`` defaults to ``llama``) for a
+            randomly initialised model, e.g. the tiny demo backbone.
+        vocab_size: Vocabulary size of the tokenizer, used with ``config``.
+        dtype: Parameter dtype.
+        attn_implementation: transformers attention implementation (``sdpa``, ``eager``, ...).
+        seed: Seed of the random initialisation with ``config``: the frozen backbone must be the
+            same in every process and every run, since checkpoints hold trainable weights only.
+    """
+    if (path is None) == (config is None):
+        raise ValueError("give exactly one of model.backbone_path (local dir) or model.backbone_config")
+    torch_dtype = resolve_dtype(dtype)
+    if path is not None:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"backbone_path {path!r} is not a local directory. Weights are only read from local "
+                "directories (nothing is downloaded): fetch the checkpoint on a machine with network, "
+                "e.g. `huggingface-cli download <repo id> --local-dir /models/<name>`, then set "
+                "model.backbone_path (and data.tokenizer) to that directory."
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    else:
+        kwargs = dict(config)
+        model_type = kwargs.pop("model_type", "llama")
+        if vocab_size is not None:
+            kwargs["vocab_size"] = vocab_size
+        cfg = AutoConfig.for_model(model_type, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+        model = model.to(torch_dtype)
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the backbone embeds only "
+            f"{model.get_input_embeddings().num_embeddings}: use the checkpoint's own tokenizer"
+        )
+    model.requires_grad_(False)
+    model.eval()
+    return model

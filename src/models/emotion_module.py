@@ -1,0 +1,178 @@
+"""The LightningModule: a frozen LLM with projectors and an adapter, trained and evaluated."""
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from src.data.streams import StreamSpec
+from src.data.tokenizer import load_tokenizer
+from src.metrics.closed_set import EmotionMetrics
+from src.models.adapters.base import Adapter, NoAdapter
+from src.models.backbone import build_backbone
+from src.models.multimodal_llm import MultimodalEmotionLLM
+from src.tracking.artifacts import log_figure, log_rows
+
+
+class EmotionLLMModule(L.LightningModule):
+    """Emotion MLLM: features -> projectors -> frozen causal LM with an adapter -> label scores.
+
+    Args:
+        backbone_path: Local checkpoint directory of the LLM (never a hub id).
+        backbone_config: Model config kwargs for a randomly initialised backbone (tiny demo).
+        backbone_seed: Seed of that random initialisation (the frozen weights are not saved).
+        dtype: Backbone dtype (``float32``, ``bfloat16``).
+        attn_implementation: transformers attention implementation of the backbone.
+        adapter: The trainable adapter (plain LoRA, MoSE, or none).
+        projector_hidden: Hidden width of MLP projectors (``None``: linear, as Emotion-LLaMA).
+        length_normalize: Score labels by mean instead of summed token log-likelihood.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear learning-rate warm-up steps.
+        max_new_tokens: Generation length limit in predict when ``generate`` is on.
+        generate: Also generate reasoning text in ``predict``.
+        tokenizer: Tokenizer directory (linked from the data module).
+        labels: Label words in class order (linked from the data module).
+        streams: Feature streams (linked from the data module).
+    """
+
+    def __init__(
+        self,
+        backbone_path: str | None = None,
+        backbone_config: dict[str, Any] | None = None,
+        backbone_seed: int = 0,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        adapter: Adapter | None = None,
+        projector_hidden: int | None = None,
+        length_normalize: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_new_tokens: int = 64,
+        generate: bool = False,
+        tokenizer: str | None = None,
+        labels: list[str] | None = None,
+        streams: list[StreamSpec] | None = None,
+    ) -> None:
+        super().__init__()
+        if tokenizer is None or labels is None or streams is None:
+            raise ValueError(
+                "tokenizer, labels and streams come from the data module (the CLI links them); "
+                "pass them explicitly when building the module in Python"
+            )
+        # Plain types only: checkpoints are loaded with weights_only=True.
+        self.save_hyperparameters(ignore=["adapter", "streams"])
+        self.hparams["streams"] = [asdict(s) for s in streams]
+        tok = load_tokenizer(tokenizer)
+        backbone = build_backbone(
+            backbone_path, backbone_config, len(tok), dtype, attn_implementation, backbone_seed
+        )
+        self.model = MultimodalEmotionLLM(
+            backbone, tok, streams, labels, projector_hidden, length_normalize
+        )
+        self.adapter = adapter or NoAdapter()
+        self.adapter.apply(self.model)
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.max_new_tokens, self.generate_text = max_new_tokens, generate
+        self.val_metrics = EmotionMetrics(num_classes=len(labels), prefix="val/")
+        self.test_metrics = EmotionMetrics(num_classes=len(labels), prefix="test/")
+        # Checkpoints hold trainable weights only; the frozen backbone is rebuilt from config.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.adapter.on_train_batch_start(self.model, batch, self.global_step)
+        lm_loss = self.model.lm_loss(batch)
+        loss = lm_loss
+        aux = self.adapter.auxiliary_loss()
+        if aux is not None:
+            loss = loss + aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at global step {self.global_step}, batch {batch_idx} "
+                f"(samples {batch['names'][:4]}...); the last good checkpoint is kept"
+            )
+        size = len(batch["names"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/lm_loss", lm_loss, batch_size=size)
+        for key, value in self.adapter.step_metrics().items():
+            self.log(f"train/{key}", value, batch_size=size)
+        return loss
+
+    # --------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict[str, Any], metrics: EmotionMetrics) -> torch.Tensor:
+        scores = self.model.score_labels(batch)
+        labelled = batch["labels"] >= 0
+        if labelled.any():
+            metrics.update(
+                scores.argmax(dim=1)[labelled], batch["labels"][labelled], batch["subset_ids"][labelled]
+            )
+        return scores
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute())
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        scores = self.model.score_labels(batch)
+        texts = self.model.generate(batch, self.max_new_tokens) if self.generate_text else None
+        return {
+            "names": batch["names"],
+            "subsets": batch["subsets"],
+            "labels": batch["labels"],
+            "scores": scores,
+            "texts": texts,
+        }
+
+    # ----------------------------------------------------------------------------- hooks
+    def on_fit_start(self) -> None:
+        self._log_skipped()
+
+    def on_test_start(self) -> None:
+        self._log_skipped()
+
+    def _log_skipped(self) -> None:
+        skipped = getattr(self.trainer.datamodule, "skipped", None)
+        if skipped:
+            log_rows(self.trainer, list(skipped), "skipped_samples.csv")
+
+    def on_fit_end(self) -> None:
+        for name, figure in self.adapter.figures().items():
+            log_figure(self.trainer, figure, name)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. "
+                f"{missing[:3]}: was it saved with another adapter or projector setting?"
+            )
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return optimizer
+        warmup = self.warmup_steps
+        scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,217 @@
+"""The multimodal emotion LLM: projected feature tokens and text in one frozen causal LM."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from src.data.modality import Modality
+from src.data.prompt import encode_answer
+from src.data.streams import StreamSpec
+from src.models.modality_context import ModalityContext
+from src.models.projector import FeatureProjector
+
+
+class MultimodalEmotionLLM(nn.Module):
+    """Fills each prompt's feature positions with projected features and runs the backbone.
+
+    Batches come from :class:`~src.data.collate.EmotionCollator`. The batch's ``modality_ids`` are
+    bound to :attr:`modality_context` around every backbone call, so adapters (MoSE) and the
+    attention function (AR) inside the backbone know which token is which.
+
+    Args:
+        backbone: Frozen Hugging Face causal LM (adapters may wrap or modify it later).
+        tokenizer: The backbone's tokenizer.
+        streams: Feature streams, in the order of ``batch["stream_ids"]``.
+        labels: Label words in class order (closed-set candidates).
+        projector_hidden: Hidden width of MLP projectors; ``None`` for linear projectors.
+        length_normalize: Score a label by its mean token log-likelihood instead of the sum
+            (matters for multi-token label words of real tokenizers).
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        streams: Sequence[StreamSpec],
+        labels: Sequence[str],
+        projector_hidden: int | None = None,
+        length_normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.streams = list(streams)
+        self.labels = list(labels)
+        self.length_normalize = length_normalize
+        self.modality_context = ModalityContext()
+        hidden = backbone.get_input_embeddings().embedding_dim
+        self.projectors = nn.ModuleDict(
+            {s.name: FeatureProjector(s.dim, hidden, s.tokens, projector_hidden) for s in self.streams}
+        )
+        self.label_answer_ids = [encode_answer(tokenizer, label) for label in self.labels]
+
+    # ----------------------------------------------------------------------------- embeddings
+    def embed(
+        self, input_ids: torch.Tensor, stream_ids: torch.Tensor, features: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Text embeddings with every stream's positions replaced by its projected features."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        for index, stream in enumerate(self.streams):
+            mask = stream_ids == index
+            projected = self.projectors[stream.name](features[stream.name].to(embeds.dtype))
+            if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
+                raise ValueError(
+                    f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "
+                    f"but the projector made {projected.shape[0]} x {projected.shape[1]}"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), projected.to(embeds.dtype))
+        return embeds
+
+    def run_backbone(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        modality_ids: torch.Tensor,
+        stream_ids: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        **kwargs: Any,
+    ) -> Any:
+        """One backbone forward with ``modality_ids`` bound to the modality context."""
+        embeds = self.embed(input_ids, stream_ids, features)
+        with self.modality_context.bind(modality_ids):
+            return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    # ---------------------------------------------------------------------- continuations
+    def _append(
+        self, batch: dict[str, Any], continuations: list[list[int]], repeat: int = 1
+    ) -> dict[str, Any]:
+        """Prompts (each repeated ``repeat`` times) followed by one continuation per row.
+
+        Returns token tensors and ``lm_labels`` (-100 except on continuation tokens).
+        """
+        lengths = _prompt_lengths(batch).repeat_interleave(repeat).tolist()
+        rows = len(lengths)
+        if len(continuations) != rows:
+            raise ValueError(f"need {rows} continuations, got {len(continuations)}")
+        width = max(n + len(c) for n, c in zip(lengths, continuations, strict=True))
+        device = batch["input_ids"].device
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((rows, width), pad, dtype=torch.long, device=device)
+        lm_labels = torch.full((rows, width), -100, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+        modality_ids = torch.full((rows, width), int(Modality.PAD), dtype=torch.long, device=device)
+        stream_ids = torch.full((rows, width), -1, dtype=torch.long, device=device)
+        keys = ("input_ids", "attention_mask", "modality_ids", "stream_ids")
+        source = {k: batch[k].repeat_interleave(repeat, dim=0) for k in keys}
+        for row, (n, cont) in enumerate(zip(lengths, continuations, strict=True)):
+            c = torch.tensor(cont, dtype=torch.long, device=device)
+            input_ids[row, :n] = source["input_ids"][row, :n]
+            input_ids[row, n : n + len(cont)] = c
+            lm_labels[row, n : n + len(cont)] = c
+            attention_mask[row, :n] = source["attention_mask"][row, :n]
+            attention_mask[row, n : n + len(cont)] = 1
+            modality_ids[row, :n] = source["modality_ids"][row, :n]
+            modality_ids[row, n : n + len(cont)] = int(Modality.TEXT)
+            stream_ids[row, :n] = source["stream_ids"][row, :n]
+        features = {k: v.repeat_interleave(repeat, dim=0) for k, v in batch["features"].items()}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "modality_ids": modality_ids,
+            "stream_ids": stream_ids,
+            "features": features,
+            "lm_labels": lm_labels,
+        }
+
+    @staticmethod
+    def _drop(batch: dict[str, Any], drop_modalities: Sequence[Modality]) -> dict[str, Any]:
+        """Mask the tokens of ``drop_modalities`` out of attention (unimodal evidence)."""
+        if not drop_modalities:
+            return batch
+        keep = torch.ones_like(batch["attention_mask"], dtype=torch.bool)
+        for m in drop_modalities:
+            keep &= batch["modality_ids"] != int(m)
+        return {**batch, "attention_mask": batch["attention_mask"] * keep.long()}
+
+    # ------------------------------------------------------------------------ objectives
+    def lm_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Causal-LM loss on the answer tokens only (label word or reasoning), as Emotion-LLaMA."""
+        targets = batch["target_ids"]
+        missing = [n for n, t in zip(batch["names"], targets, strict=True) if not t]
+        if missing:
+            raise ValueError(f"samples without a training target (label or reason): {missing[:5]}")
+        seq = self._append(batch, targets)
+        out = self.run_backbone(
+            seq["input_ids"], seq["attention_mask"], seq["modality_ids"], seq["stream_ids"],
+            seq["features"], labels=seq["lm_labels"],
+        )  # fmt: skip
+        return out.loss
+
+    def continuation_logprobs(self, seq: dict[str, Any]) -> torch.Tensor:
+        """Per-row summed (or mean) log-likelihood of the ``lm_labels`` tokens of ``seq``."""
+        targets = seq["lm_labels"][:, 1:]
+        positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
+        # Only positions that predict continuation tokens need logits (vocab x seq is large).
+        keep = torch.arange(int(positions.min()), int(positions.max()) + 1, device=targets.device)
+        out = self.run_backbone(
+            seq["input_ids"], seq["attention_mask"], seq["modality_ids"], seq["stream_ids"],
+            seq["features"], logits_to_keep=keep,
+        )  # fmt: skip
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+        window = targets[:, keep]
+        mask = window != -100
+        token_lp = logprobs.gather(-1, window.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        total = token_lp.sum(dim=1)
+        return total / mask.sum(dim=1) if self.length_normalize else total
+
+    def score_labels(
+        self, batch: dict[str, Any], drop_modalities: Sequence[Modality] = ()
+    ) -> torch.Tensor:
+        """Log-likelihood of every label as the answer, ``(B, num_labels)``, in one batched pass.
+
+        ``drop_modalities`` masks those modalities' tokens out of attention, giving the
+        prediction from the remaining modalities alone.
+        """
+        batch = self._drop(batch, drop_modalities)
+        n_labels = len(self.labels)
+        rows = batch["input_ids"].shape[0]
+        seq = self._append(batch, self.label_answer_ids * rows, repeat=n_labels)
+        return self.continuation_logprobs(seq).view(rows, n_labels)
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int = 64) -> list[str]:
+        """Greedy, deterministic generation after each prompt (reasoning text)."""
+        lengths = _prompt_lengths(batch).tolist()
+        width = max(lengths)
+        device = batch["input_ids"].device
+        rows = len(lengths)
+        pad = self.tokenizer.pad_token_id
+        # Decoder-only generation needs left padding.
+        left = {
+            "input_ids": torch.full((rows, width), pad, dtype=torch.long, device=device),
+            "attention_mask": torch.zeros((rows, width), dtype=torch.long, device=device),
+            "modality_ids": torch.full((rows, width), int(Modality.PAD), dtype=torch.long, device=device),
+            "stream_ids": torch.full((rows, width), -1, dtype=torch.long, device=device),
+        }
+        for row, n in enumerate(lengths):
+            for key in left:
+                left[key][row, width - n :] = batch[key][row, :n]
+        embeds = self.embed(left["input_ids"], left["stream_ids"], batch["features"])
+        with self.modality_context.bind(left["modality_ids"]):
+            out = self.backbone.generate(
+                inputs_embeds=embeds,
+                attention_mask=left["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def _prompt_lengths(batch: dict[str, Any]) -> torch.Tensor:
+    """Length of each right-padded prompt (the attention mask may also hide dropped tokens)."""
+    return (batch["modality_ids"] != int(Modality.PAD)).sum(dim=1)

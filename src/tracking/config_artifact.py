@@ -1,0 +1,26 @@
+"""Stores the full resolved LightningCLI config in the MLflow run (as an artifact)."""
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+
+from src.tracking.artifacts import mlflow_logger
+
+
+class LogConfigToMLflow(SaveConfigCallback):
+    """Logs ``config.yaml`` to the MLflow run instead of the logger's log_dir.
+
+    Lightning's stock callback writes into ``trainer.log_dir``, which an sqlite-backed MLflow
+    logger does not have; this subclass sends the same resolved config to the run. Called on rank
+    zero only.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        logger.experiment.log_text(logger.run_id, text, self.config_filename)
