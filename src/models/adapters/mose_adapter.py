@@ -1,0 +1,289 @@
+"""MoSE as an :class:`Adapter`: modality-specific experts, gating loss, dynamic modality weights.
+
+Configured under ``model.init_args.adapter`` (see ``conf/experiment/mose_adapter.yaml``); the
+emotion LightningModule calls :meth:`apply` once, :meth:`on_train_batch_start` before each
+training forward, adds :meth:`auxiliary_loss` to the task loss, logs :meth:`step_metrics` as
+``train/<key>`` and :meth:`figures` as MLflow artifacts. Equations: ``docs/mose.md``.
+"""
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from src.models.adapters.base import Adapter
+from src.models.modality_context import ModalityContext
+from src.models.modality_weights import (
+    DominanceModalityWeights,
+    ModalityWeights,
+    build_modality_weights,
+)
+from src.models.mose import (
+    MoSELinear,
+    inject_mose,
+    load_mose_state_dict,
+    mose_layers,
+    mose_state_dict,
+)
+from src.models.mose_regularizer import LayerRecord, MoSEGateLoss
+
+if TYPE_CHECKING:  # pragma: no cover
+    from src.models.multimodal_llm import MultimodalEmotionLLM
+
+__all__ = ["MoSEAdapter", "mose_state_dict", "load_mose_state_dict"]
+
+_LOGGED_MODALITIES = ("audio", "visual")
+
+
+class MoSEAdapter(Adapter):
+    """Modality-specific LoRA experts with a shared ``A`` in the frozen backbone.
+
+    Args:
+        rank: Rank ``r`` of the shared ``A`` and of each expert ``B`` (Emotion-LLaMA's LoRA: 64).
+        alpha: LoRA ``alpha``; adapter outputs are scaled by ``alpha / rank`` (Emotion-LLaMA: 16).
+        dropout: Dropout on the adapted layer's input before ``A``.
+        n_audio_experts: Experts for audio tokens.
+        n_visual_experts: Experts for visual tokens.
+        n_text_experts: Experts for text tokens when ``text_mode="experts"``.
+        text_mode: Text tokens get their own gated experts (``"experts"``), one plain LoRA ``B``
+            sharing ``A`` (``"lora"``), or no update (``"none"``).
+        top_k: ``None``: dense softmax gate; else mix each token's ``top_k`` most probable
+            experts, renormalised.
+        gate_input: The gate reads the token's hidden input (``"hidden"``) or ``A x``
+            (``"shared_a"``).
+        target_modules: Names of the linear layers to adapt (last path component).
+        layers: Transformer layer indices to adapt; ``None`` = all.
+        balance_loss: Within-modality balancing: ``"cv2"`` (LoRAMoE / Shazeer) or ``"switch"``.
+        balance_weight: Weight of the within-modality balancing term in the gating loss.
+        modality_balance_weight: Weight of the cross-modality contribution balance term.
+        modality_weighting: Dynamic modality weights: ``"none"`` (fixed), ``"learned"`` or
+            ``"dominance"`` (OGM-GE-style, from unimodal gold-label confidence).
+        fixed_weights: ``(audio, visual)`` weights of the ``"none"`` strategy.
+        learned_normalize: ``"learned"``: keep ``w_audio + w_visual = 2`` (softmax) instead of
+            two independent softplus weights.
+        dominance_alpha: ``"dominance"``: modulation strength ``alpha`` of ``1 - tanh(alpha (rho
+            - 1))``.
+        dominance_momentum: ``"dominance"``: EMA factor of the weights.
+        dominance_interval: ``"dominance"``: measure every this many training steps.
+        dominance_min_weight: ``"dominance"``: floor of the dominant modality's weight.
+    """
+
+    def __init__(
+        self,
+        rank: int = 64,
+        alpha: float = 16.0,
+        dropout: float = 0.05,
+        n_audio_experts: int = 4,
+        n_visual_experts: int = 4,
+        n_text_experts: int = 4,
+        text_mode: Literal["experts", "lora", "none"] = "lora",
+        top_k: int | None = None,
+        gate_input: Literal["hidden", "shared_a"] = "hidden",
+        target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+        layers: list[int] | None = None,
+        balance_loss: Literal["cv2", "switch"] = "cv2",
+        balance_weight: float = 0.01,
+        modality_balance_weight: float = 0.01,
+        modality_weighting: Literal["none", "learned", "dominance"] = "none",
+        fixed_weights: tuple[float, float] = (1.0, 1.0),
+        learned_normalize: bool = True,
+        dominance_alpha: float = 0.5,
+        dominance_momentum: float = 0.9,
+        dominance_interval: int = 1,
+        dominance_min_weight: float = 0.1,
+    ) -> None:
+        self.layer_kwargs: dict[str, Any] = {
+            "rank": rank,
+            "alpha": alpha,
+            "dropout": dropout,
+            "n_audio_experts": n_audio_experts,
+            "n_visual_experts": n_visual_experts,
+            "n_text_experts": n_text_experts,
+            "text_mode": text_mode,
+            "top_k": top_k,
+            "gate_input": gate_input,
+        }
+        # Fail at config time, not after the backbone is loaded: build one throw-away layer.
+        MoSELinear(nn.Linear(2, 2), ModalityContext(), **self.layer_kwargs)
+        self.target_modules = tuple(target_modules)
+        self.layers = None if layers is None else list(layers)
+        self.gate_loss = MoSEGateLoss(balance_loss, balance_weight, modality_balance_weight)
+        self.weighting = modality_weighting
+        strategy_kwargs: dict[str, dict[str, Any]] = {
+            "none": {"audio": fixed_weights[0], "visual": fixed_weights[1]},
+            "learned": {"normalize": learned_normalize},
+            "dominance": {
+                "alpha": dominance_alpha,
+                "momentum": dominance_momentum,
+                "interval": dominance_interval,
+                "min_weight": dominance_min_weight,
+            },
+        }
+        if modality_weighting not in strategy_kwargs:
+            raise ValueError(
+                f"modality_weighting: unknown {modality_weighting!r}; "
+                f"expected one of {sorted(strategy_kwargs)}"
+            )
+        self.weights: ModalityWeights = build_modality_weights(
+            modality_weighting, **strategy_kwargs[modality_weighting]
+        )
+        self.mose_layers: list[MoSELinear] = []
+        self.layer_names: list[str] = []
+        self._pending_loss: torch.Tensor | None = None
+        self._metrics: dict[str, float] = {}
+        self._usage: dict[str, list[torch.Tensor]] = {}
+        self._usage_count: dict[str, list[float]] = {}
+
+    # --- Adapter contract --------------------------------------------------------------------
+
+    def apply(self, llm: "MultimodalEmotionLLM") -> None:
+        if self.mose_layers:
+            raise RuntimeError("MoSEAdapter.apply was already called; build a new adapter")
+        self.mose_layers = inject_mose(
+            llm.backbone,
+            llm.modality_context,
+            target_modules=self.target_modules,
+            layers=self.layers,
+            modality_weights=self.weights,
+            **self.layer_kwargs,
+        )
+        by_id = {id(m): n for n, m in mose_layers(llm.backbone)}
+        self.layer_names = [by_id[id(m)] for m in self.mose_layers]
+        self.reset_usage()
+
+    def trainable_modules(self, llm: "MultimodalEmotionLLM") -> list[nn.Module]:
+        return [*self.mose_layers, self.weights]
+
+    def on_train_batch_start(
+        self, llm: "MultimodalEmotionLLM", batch: dict[str, Any], step: int
+    ) -> None:
+        # Records of forwards outside a training step (nobody consumed them) must not leak in.
+        for layer in self.mose_layers:
+            layer.clear_records()
+        self._pending_loss = None
+        self.weights.update(llm, batch, step)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        self._consume()
+        loss, self._pending_loss = self._pending_loss, None
+        return loss
+
+    def step_metrics(self) -> dict[str, float]:
+        self._consume()
+        metrics = dict(self._metrics)
+        for name, value in self.weights.as_dict().items():
+            metrics[f"modality_weight/{name}"] = value
+        if isinstance(self.weights, DominanceModalityWeights) and self.weights.last_measurement:
+            s_audio, s_visual, rho = self.weights.last_measurement
+            metrics["dominance/audio_confidence"] = s_audio
+            metrics["dominance/visual_confidence"] = s_visual
+            metrics["dominance/ratio"] = rho
+        return metrics
+
+    def modality_weights(self) -> dict[str, float] | None:
+        return self.weights.as_dict()
+
+    def figures(self) -> dict[str, Any]:
+        table = self.usage_table()
+        if not table:
+            return {}
+        return {"expert_usage.png": plot_expert_usage(table, self.layer_names)}
+
+    # --- statistics --------------------------------------------------------------------------
+
+    def reset_usage(self) -> None:
+        """Forget the accumulated expert usage (call at epoch start for per-epoch plots)."""
+        self._usage = {}
+        self._usage_count = {}
+
+    def usage_table(self) -> dict[str, torch.Tensor]:
+        """Mean mixing weight per (layer, expert) of each gated modality since the last reset."""
+        table = {}
+        for group, sums in self._usage.items():
+            counts = torch.tensor(self._usage_count[group]).clamp_min(1.0).unsqueeze(1)
+            table[group] = torch.stack([s.float().cpu() for s in sums]) / counts
+        return table
+
+    def _consume(self) -> None:
+        """Turn the layers' records into the pending gating loss, metrics and usage."""
+        per_layer = [layer.pop_records() for layer in self.mose_layers]
+        records = [r for layer_records in per_layer for r in layer_records]
+        if not records:
+            return
+        out = self.gate_loss(records)
+        self._pending_loss = out.loss
+        stats = _layer_statistics(per_layer)
+        self._accumulate_usage(per_layer)
+        names = ["gate_loss", "gate_loss/balance", "gate_loss/modality"]
+        values = [out.loss.detach().float(), out.balance.float(), out.modality.float()]
+        for key, value in stats.items():
+            names.append(key)
+            values.append(value)
+        floats = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist()
+        self._metrics = dict(zip(names, floats, strict=True))
+
+    def _accumulate_usage(self, per_layer: list[list[LayerRecord]]) -> None:
+        for index, layer_records in enumerate(per_layer):
+            for record in layer_records:
+                for group, r in record.items():
+                    if r.probs.shape[1] < 2:
+                        continue
+                    sums = self._usage.setdefault(group, [])
+                    counts = self._usage_count.setdefault(group, [])
+                    while len(sums) <= index:
+                        sums.append(torch.zeros_like(r.usage, dtype=torch.float32))
+                        counts.append(0.0)
+                    sums[index] = sums[index] + r.usage.float()
+                    counts[index] += r.count
+
+
+def _layer_statistics(per_layer: list[list[LayerRecord]]) -> dict[str, torch.Tensor]:
+    """Mean over layers of each modality's expert usage entropy (nats) and contribution.
+
+    A modality without tokens in this step has no entry (rather than a made-up value).
+    """
+    entropies: dict[str, list[torch.Tensor]] = {}
+    contributions: dict[str, list[torch.Tensor]] = {}
+    for layer_records in per_layer:
+        for record in layer_records:
+            for group in _LOGGED_MODALITIES:
+                r = record.get(group)
+                if r is None or r.count == 0:
+                    continue
+                p = r.usage.float() / r.count
+                entropies.setdefault(group, []).append(-(p * p.clamp_min(1e-12).log()).sum())
+                contributions.setdefault(group, []).append(r.contribution.detach().float())
+    stats = {}
+    for group, values in entropies.items():
+        stats[f"expert_entropy/{group}"] = torch.stack(values).mean()
+    for group, values in contributions.items():
+        stats[f"contribution/{group}"] = torch.stack(values).mean()
+    return stats
+
+
+def plot_expert_usage(table: dict[str, torch.Tensor], layer_names: list[str]) -> Figure:
+    """Heat maps of the mean mixing weight per layer (rows) and expert (columns), per modality."""
+    groups = list(table)
+    n_layers = max(t.shape[0] for t in table.values())
+    fig = Figure(figsize=(3.2 * len(groups) + 1.5, 0.35 * n_layers + 1.8), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    labels = [_short_layer_name(n) for n in layer_names[:n_layers]]
+    for ax, group in zip(axes, groups, strict=True):
+        usage = table[group].numpy()
+        n_experts = usage.shape[1]
+        image = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"{group} (uniform = {1 / n_experts:.2f})")
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(n_experts))
+        ax.set_yticks(range(usage.shape[0]))
+        ax.set_yticklabels(labels[: usage.shape[0]] if group == groups[0] else [], fontsize=7)
+        fig.colorbar(image, ax=ax, label="mean gate weight")
+    fig.suptitle("MoSE expert usage per modality")
+    return fig
+
+
+def _short_layer_name(name: str) -> str:
+    parts = name.split(".")
+    digits = [p for p in parts if p.isdigit()]
+    return f"L{digits[0]} {parts[-1]}" if digits else parts[-1]

@@ -1,0 +1,446 @@
+"""MoSE: modality-specific experts inside the frozen LLM's linear layers.
+
+A :class:`MoSELinear` wraps a frozen ``nn.Linear`` ``W0`` with a LoRA whose down-projection ``A``
+(rank ``r``) is shared by every token and whose up-projection is a group of expert matrices per
+modality (audio, visual, and optionally text)::
+
+    y = W0 x + s * w_m * sum_e g_{m,e}(x) B_{m,e} A dropout(x)        for a token of modality m
+
+with ``s = alpha / r``, ``g_m`` the gate of modality ``m`` (softmax or renormalised top-k) and
+``w_m`` the dynamic modality weight (:mod:`src.models.modality_weights`). Every ``B`` starts at
+zero, so a fresh model computes exactly what the base model computes. Which token is which comes
+from ``modality_ids`` bound in the :class:`ModalityContext`; PAD tokens get no update.
+
+All experts of a modality run in one matmul: ``sum_e g_e B_e h = [B_1 ... B_E] (g (x) h)``, i.e. a
+single ``(tokens, E*r) @ (E*r, out)`` product. :func:`inject_mose` puts the layers into any Hugging
+Face model by module name. Equations and choices: ``docs/mose.md``.
+"""
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.data.modality import Modality
+from src.models.modality_context import ModalityContext
+from src.models.modality_weights import FixedModalityWeights, ModalityWeights
+from src.models.mose_regularizer import GateRecord, LayerRecord
+
+TEXT_MODES = ("experts", "lora", "none")
+GATE_INPUTS = ("hidden", "shared_a")
+#: Attribute name under which :func:`inject_mose` registers the modality weights on the model.
+MODALITY_WEIGHTS_ATTR = "mose_modality_weights"
+#: Records kept per layer when nobody consumes them (a guard against leaking graphs).
+MAX_RECORDS = 16
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """One modality's experts in a layer.
+
+    Attributes:
+        name: ``audio``, ``visual`` or ``text`` (parameter names use it).
+        modality: The modality id its tokens carry.
+        n_experts: Number of ``B`` matrices; a group of one expert has no gate (plain LoRA).
+        weight_index: Index into the modality weight vector, or ``None`` (weight 1).
+    """
+
+    name: str
+    modality: Modality
+    n_experts: int
+    weight_index: int | None
+
+
+class RoutingCache:
+    """Token indices of each modality for the forward in progress, shared by all MoSE layers.
+
+    Every layer of one forward sees the same bound ``modality_ids``; computing the indices once
+    saves a ``nonzero`` (a host sync on GPU) per layer and group.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._ids: torch.Tensor | None = None
+        self._indices: dict[int, torch.Tensor] = {}
+
+    def indices(
+        self, ids: torch.Tensor, batch: int, device: torch.device, codes: Iterable[int]
+    ) -> dict[int, torch.Tensor]:
+        """Flat indices of the tokens of each code in ``codes``, for a batch of ``batch`` rows."""
+        codes = tuple(codes)
+        key = (ids._version, tuple(ids.shape), batch, str(device), codes)
+        if self._ids is ids and self._key == key:
+            return self._indices
+        flat = _expand_batch(ids, batch).to(device).reshape(-1)
+        self._indices = {code: (flat == code).nonzero().squeeze(1) for code in codes}
+        self._ids, self._key = ids, key
+        return self._indices
+
+
+def _expand_batch(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat the rows of ``ids`` when the backbone runs an expanded batch (beam search)."""
+    if ids.shape[0] == batch:
+        return ids
+    if batch % ids.shape[0] != 0:
+        raise ValueError(
+            f"MoSE: the backbone got a batch of {batch} rows but modality_ids has "
+            f"{ids.shape[0]}; bind the modality_ids of the batch being run"
+        )
+    return ids.repeat_interleave(batch // ids.shape[0], dim=0)
+
+
+class MoSELinear(nn.Module):
+    """A frozen linear layer plus modality-specific LoRA experts with a shared ``A``.
+
+    Args:
+        base_layer: The backbone's ``nn.Linear``; it is frozen and kept as ``base_layer``.
+        context: Where the batch's ``modality_ids`` are bound during the forward.
+        rank: Rank ``r`` of the shared ``A`` (and of every expert ``B``).
+        alpha: LoRA ``alpha``; the adapter output is scaled by ``alpha / rank``.
+        dropout: Dropout on the layer input before ``A`` (not on the gate input).
+        n_audio_experts: Experts in the audio group.
+        n_visual_experts: Experts in the visual group.
+        n_text_experts: Experts in the text group when ``text_mode="experts"``.
+        text_mode: ``"experts"`` (text gets a gated group of ``n_text_experts``), ``"lora"``
+            (text gets a single ``B``, i.e. a plain LoRA sharing ``A``) or ``"none"`` (text tokens
+            get no update).
+        top_k: ``None`` for a dense softmax gate; else each token mixes only its ``top_k``
+            most probable experts, with the gate renormalised over them.
+        gate_input: ``"hidden"``: the gate is a linear map of the token's layer input ``x``;
+            ``"shared_a"``: of the shared projection ``A dropout(x)`` (r-dimensional, cheaper).
+        modality_weights: Source of the audio/visual weights (default: constant 1). It is not
+            registered as a submodule here; :func:`inject_mose` registers it once on the model.
+        routing: Shared :class:`RoutingCache` (default: a private one).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        context: ModalityContext,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        n_audio_experts: int = 4,
+        n_visual_experts: int = 4,
+        n_text_experts: int = 4,
+        text_mode: str = "lora",
+        top_k: int | None = None,
+        gate_input: str = "hidden",
+        modality_weights: ModalityWeights | None = None,
+        routing: RoutingCache | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoSELinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode: unknown {text_mode!r}; expected one of {TEXT_MODES}")
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input: unknown {gate_input!r}; expected one of {GATE_INPUTS}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        groups = [
+            ExpertGroup("audio", Modality.AUDIO, n_audio_experts, 0),
+            ExpertGroup("visual", Modality.VISUAL, n_visual_experts, 1),
+        ]
+        if text_mode != "none":
+            n_text = n_text_experts if text_mode == "experts" else 1
+            groups.append(ExpertGroup("text", Modality.TEXT, n_text, None))
+        for group in groups:
+            if group.n_experts < 1:
+                raise ValueError(f"n_{group.name}_experts must be >= 1, got {group.n_experts}")
+            if top_k is not None and group.n_experts > 1 and not 1 <= top_k <= group.n_experts:
+                raise ValueError(
+                    f"top_k must be in [1, n_{group.name}_experts={group.n_experts}], got {top_k}"
+                )
+        self.groups: tuple[ExpertGroup, ...] = tuple(groups)
+
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.top_k, self.gate_input, self.text_mode = top_k, gate_input, text_mode
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        # Adapter parameters in float32 on the base layer's device (as peft does by default).
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.experts = nn.ParameterDict(
+            {
+                g.name: nn.Parameter(torch.zeros(g.n_experts, self.out_features, rank, **factory))
+                for g in self.groups
+            }
+        )
+        gate_dim = self.in_features if gate_input == "hidden" else rank
+        # Default (random) init: a zero gate would route every token uniformly, and with B = 0
+        # the experts would then receive identical gradients forever.
+        self.gates = nn.ModuleDict(
+            {
+                g.name: nn.Linear(gate_dim, g.n_experts, bias=False, **factory)
+                for g in self.groups
+                if g.n_experts > 1
+            }
+        )
+
+        self.context = context
+        # Plain attributes, not submodules: shared by all layers and registered once elsewhere.
+        self.__dict__["_modality_weights"] = modality_weights
+        self.__dict__["_routing"] = routing if routing is not None else RoutingCache()
+        self._records: list[LayerRecord] = []
+
+    @property
+    def modality_weights(self) -> ModalityWeights | None:
+        """The shared modality weights (``None``: constant 1)."""
+        return self.__dict__["_modality_weights"]
+
+    def extra_repr(self) -> str:
+        groups = ", ".join(f"{g.name}={g.n_experts}" for g in self.groups)
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"scaling={self.scaling:g}, experts=({groups}), top_k={self.top_k}, "
+            f"gate_input={self.gate_input}"
+        )
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if x.dim() != 3:
+            raise ValueError(f"MoSELinear expects (batch, seq, features), got {tuple(x.shape)}")
+        batch, seq, _ = x.shape
+        ids = self.context.queries(seq)
+        indices = self.__dict__["_routing"].indices(
+            ids, batch, x.device, (int(g.modality) for g in self.groups)
+        )
+        flat_x = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
+        h = self.dropout(flat_x) @ self.lora_A.t()  # (tokens, r), shared by every modality
+        weights = self._current_weights(h)
+        record = self.training and torch.is_grad_enabled()
+
+        delta = h.new_zeros(flat_x.shape[0], self.out_features)
+        layer_record: LayerRecord = {}
+        for group in self.groups:
+            idx = indices[int(group.modality)]
+            h_g = h.index_select(0, idx)
+            probs, mix = self._gate(group, flat_x, h_g, idx)
+            coeff = mix * self.scaling
+            if group.weight_index is not None:
+                coeff = coeff * weights[group.weight_index]
+            out_g = self._mix_experts(h_g, coeff, self.experts[group.name])
+            # Runs even for an empty group, so every parameter is in the graph of every step.
+            delta.index_add_(0, idx, out_g)
+            if record:
+                layer_record[group.name] = _make_record(probs, mix, out_g)
+        if record:
+            self._records.append(layer_record)
+            del self._records[:-MAX_RECORDS]
+        return result + delta.view(batch, seq, self.out_features).to(result.dtype)
+
+    def _current_weights(self, like: torch.Tensor) -> torch.Tensor:
+        source = self.modality_weights
+        if source is None:
+            return like.new_ones(2)
+        return source.weights().to(like)
+
+    def _gate(
+        self, group: ExpertGroup, flat_x: torch.Tensor, h_g: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate probabilities and mixing weights ``(tokens, experts)`` of a group's tokens."""
+        if group.n_experts == 1:
+            ones = h_g.new_ones(h_g.shape[0], 1)
+            return ones, ones
+        gate_in = flat_x.index_select(0, idx) if self.gate_input == "hidden" else h_g
+        probs = torch.softmax(self.gates[group.name](gate_in).float(), dim=-1)
+        if self.top_k is None or self.top_k >= group.n_experts:
+            return probs, probs
+        top = probs.topk(self.top_k, dim=-1).indices
+        mask = torch.zeros_like(probs).scatter_(1, top, 1.0)
+        kept = probs * mask
+        return probs, kept / kept.sum(-1, keepdim=True)
+
+    def _mix_experts(
+        self, h: torch.Tensor, coeff: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_e coeff[:, e] * (B_e @ h)`` for all experts in one matmul.
+
+        Args:
+            h: ``(tokens, r)`` shared projection.
+            coeff: ``(tokens, E)`` mixing weights (gate x scaling x modality weight).
+            experts: ``(E, out, r)`` expert matrices.
+        """
+        n_experts, out, rank = experts.shape
+        z = (coeff.to(h.dtype).unsqueeze(2) * h.unsqueeze(1)).reshape(-1, n_experts * rank)
+        return z @ experts.transpose(1, 2).reshape(n_experts * rank, out)
+
+    # --- records for the gating loss and statistics ----------------------------------------
+
+    def pop_records(self) -> list[LayerRecord]:
+        """Records of the training forwards since the last call (and forget them)."""
+        records, self._records = self._records, []
+        return records
+
+    def clear_records(self) -> None:
+        """Drop recorded forwards (their graphs are then freed after backward)."""
+        self._records = []
+
+
+def _make_record(probs: torch.Tensor, mix: torch.Tensor, out_g: torch.Tensor) -> GateRecord:
+    count, n_experts = int(probs.shape[0]), probs.shape[1]
+    if mix is probs and n_experts > 1:  # dense gate: count each token for its arg-max expert
+        chosen = F.one_hot(probs.detach().argmax(-1), n_experts).bool()
+    else:
+        chosen = mix.detach() > 0
+    sq_norm = out_g.float().pow(2).sum(-1)
+    contribution = sq_norm.mean() if count > 0 else sq_norm.sum()
+    return GateRecord(
+        probs=probs,
+        usage=mix.detach().sum(0),
+        dispatch=chosen.sum(0),
+        count=count,
+        contribution=contribution,
+    )
+
+
+# --- injection and checkpoints -----------------------------------------------------------------
+
+_LAYER_INDEX = re.compile(r"^\d+$")
+
+
+def _layer_index(name: str) -> int | None:
+    """The first all-digit component of a module path (``model.layers.3.self_attn.q_proj``)."""
+    for part in name.split("."):
+        if _LAYER_INDEX.match(part):
+            return int(part)
+    return None
+
+
+def inject_mose(
+    model: nn.Module,
+    context: ModalityContext,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    layers: Sequence[int] | None = None,
+    modality_weights: ModalityWeights | None = None,
+    **mose_kwargs,
+) -> list[MoSELinear]:
+    """Replace the matching ``nn.Linear`` modules of ``model`` by :class:`MoSELinear`.
+
+    Freezes every existing parameter of ``model``; afterwards only MoSE parameters (and learned
+    modality weights) require grad. The modality weights are registered on ``model`` as
+    ``mose_modality_weights``.
+
+    Args:
+        model: Any Hugging Face model (Llama, Qwen2, Mistral, ...) or other ``nn.Module``.
+        context: The :class:`ModalityContext` the multimodal model binds ``modality_ids`` to.
+        target_modules: Last component of the module names to adapt (``q_proj``, ``v_proj``).
+        layers: Transformer layer indices to adapt (the first integer in the module path);
+            ``None`` adapts every layer.
+        modality_weights: Strategy for the audio/visual weights (default: constant 1).
+        **mose_kwargs: Arguments of :class:`MoSELinear` (rank, alpha, n_audio_experts, ...).
+
+    Returns:
+        The new layers, in module order.
+    """
+    if any(isinstance(m, MoSELinear) for m in model.modules()):
+        raise ValueError("inject_mose: the model already contains MoSE layers")
+    targets = set(target_modules)
+    if not targets:
+        raise ValueError("inject_mose: target_modules is empty")
+    wanted = None if layers is None else {int(i) for i in layers}
+    matches: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        index = _layer_index(name)
+        if wanted is not None and index not in wanted:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"inject_mose: {name} is a {type(module).__name__}, not nn.Linear; "
+                "MoSE adapts linear layers only"
+            )
+        matches.append((name, module))
+    if not matches:
+        sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(
+            f"inject_mose: no nn.Linear named {sorted(targets)} (layers={layers}) in "
+            f"{type(model).__name__}; linear modules look like {sample}"
+        )
+    if wanted is not None:
+        missing = wanted - {_layer_index(n) for n, _ in matches}
+        if missing:
+            raise ValueError(f"inject_mose: layers {sorted(missing)} have no {sorted(targets)}")
+
+    model.requires_grad_(False)
+    if modality_weights is None:
+        modality_weights = FixedModalityWeights()
+    base_param = next(iter(matches))[1].weight
+    model.add_module(MODALITY_WEIGHTS_ATTR, modality_weights.to(base_param.device))
+    routing = RoutingCache()
+    new_layers = []
+    for name, module in matches:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MoSELinear(
+            module, context, modality_weights=modality_weights, routing=routing, **mose_kwargs
+        )
+        setattr(parent, child, layer)
+        new_layers.append(layer)
+    return new_layers
+
+
+def mose_layers(model: nn.Module) -> list[tuple[str, MoSELinear]]:
+    """``(name, layer)`` of every MoSE layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoSELinear)]
+
+
+def _is_mose_key(key: str, prefixes: tuple[str, ...], weights_prefix: str | None) -> bool:
+    if weights_prefix is not None and key.startswith(weights_prefix):
+        return True
+    return any(key.startswith(p) and not key.startswith(p + "base_layer.") for p in prefixes)
+
+
+def mose_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The MoSE part of ``model.state_dict()``: experts, shared ``A``, gates, modality weights.
+
+    Keys are the usual state-dict names relative to ``model`` (for a Llama backbone:
+    ``model.layers.0.self_attn.q_proj.lora_A``, ``...q_proj.experts.audio``,
+    ``...q_proj.gates.audio.weight``, ``mose_modality_weights.logits`` / ``._w``).
+    """
+    prefixes = tuple(f"{n}." for n, _ in mose_layers(model))
+    if not prefixes:
+        raise ValueError(f"mose_state_dict: {type(model).__name__} has no MoSE layers")
+    weights_prefix = _weights_prefix(model)
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if _is_mose_key(k, prefixes, weights_prefix)
+    }
+
+
+def load_mose_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`mose_state_dict` into a model with the same MoSE layout (strict)."""
+    expected = set(mose_state_dict(model))
+    given = set(state_dict)
+    if expected != given:
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        raise KeyError(
+            f"load_mose_state_dict: MoSE keys differ; missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+        )
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.unexpected_keys:  # pragma: no cover - guarded by the key check above
+        raise KeyError(f"load_mose_state_dict: unexpected keys {result.unexpected_keys[:5]}")
+
+
+def _weights_prefix(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if name and isinstance(module, ModalityWeights):
+            return f"{name}."
+    return None
