@@ -264,6 +264,21 @@ def test_absent_modality_is_safe_and_touches_every_parameter() -> None:
         assert torch.isfinite(param.grad).all(), name
 
 
+def test_inference_mode_forward_and_routing_cache_reuse() -> None:
+    """Validation runs under inference_mode (tensors without version counters)."""
+    model, ctx = tiny_llama(), ModalityContext()
+    layers = inject_mose(model, ctx, rank=4)
+    randomize_experts(layers)
+    outputs = []
+    for ids in (mixed_ids(), no_audio_ids()):  # same shape, new ids: the cache must not stick
+        with torch.inference_mode(), ctx.bind(ids.clone()):
+            outputs.append(model(**tokens(mixed_ids())).logits)
+    with torch.no_grad(), ctx.bind(no_audio_ids()):
+        expected = model(**tokens(mixed_ids())).logits
+    torch.testing.assert_close(outputs[1], expected)
+    assert not torch.equal(outputs[0], outputs[1])
+
+
 def test_generate_with_kv_cache_treats_new_tokens_as_text() -> None:
     model, ctx, ids = tiny_llama(), ModalityContext(), mixed_ids()[1:]
     layers = inject_mose(model, ctx, rank=4, text_mode="lora")

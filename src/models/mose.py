@@ -72,7 +72,9 @@ class RoutingCache:
     ) -> dict[int, torch.Tensor]:
         """Flat indices of the tokens of each code in ``codes``, for a batch of ``batch`` rows."""
         codes = tuple(codes)
-        key = (ids._version, tuple(ids.shape), batch, str(device), codes)
+        # Inference tensors (validation under inference_mode) carry no version counter.
+        version = None if ids.is_inference() else ids._version
+        key = (version, tuple(ids.shape), batch, str(device), codes)
         if self._ids is ids and self._key == key:
             return self._indices
         flat = _expand_batch(ids, batch).to(device).reshape(-1)
