@@ -8,4 +8,5 @@ Each entry maps a command name to ``"module:function"``; the function takes the 
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "generate-camer": ("src.commands.generate_camer:main", "write the synthetic CA-MER data set"),
+    "build-camer": ("src.commands.build_camer:main", "build the CA-MER manifest from annotations"),
 }
