@@ -9,4 +9,5 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "generate-camer": ("src.commands.generate_camer:main", "write the synthetic CA-MER data set"),
     "build-camer": ("src.commands.build_camer:main", "build the CA-MER manifest from annotations"),
+    "score": ("src.evaluation.score:main", "compute every metric from a predictions file"),
 }
