@@ -3,7 +3,6 @@
 import ast
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -38,14 +37,6 @@ def vocab(tmp_path) -> EmotionVocabulary:
     path = tmp_path / "format.csv"
     path.write_text(FORMAT_CSV, encoding="utf-8")
     return EmotionVocabulary.from_format_csv(path)
-
-
-def realdata() -> Path | None:
-    root = os.environ.get("MOSEAR_REALDATA")
-    return Path(root) if root else None
-
-
-needs_realdata = pytest.mark.skipif(realdata() is None, reason="MOSEAR_REALDATA is not set")
 
 
 # ---------------------------------------------------------------------------- vocabulary
@@ -231,10 +222,9 @@ def _reference_set_metric(root: Path, oov: str) -> tuple[float, float]:
     return sum(accuracy) / len(accuracy), sum(recall) / len(recall)
 
 
-@needs_realdata
 @pytest.mark.parametrize("oov", ["keep", "drop"])
-def test_set_metric_on_mer2024_files_matches_reference(oov):
-    root = realdata() / "open-vocabulary"
+def test_set_metric_on_mer2024_files_matches_reference(oov, realdata):
+    root = realdata / "open-vocabulary"
     vocab = EmotionVocabulary.from_format_csv(root / "format.csv")
     rows = {}
     for kind in ("check", "predict"):
@@ -254,9 +244,8 @@ def test_set_metric_on_mer2024_files_matches_reference(oov):
     assert counts["ov_unparsed"] == sum(1 for s in samples if not group_words(s.pred, vocab, oov))
 
 
-@needs_realdata
-def test_extractor_on_emer_reasoning_recovers_the_gold_label():
-    root = realdata()
+def test_extractor_on_emer_reasoning_recovers_the_gold_label(realdata):
+    root = realdata
     vocab = EmotionVocabulary.from_format_csv(root / "open-vocabulary" / "format.csv")
     extractor = RuleBasedExtractor(vocab)
     with open(root / "emer" / "gt-eng.csv", newline="", encoding="utf-8") as handle:
@@ -282,12 +271,11 @@ JUDGE_WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory) -> Path:
+def build_tiny_judge(path: Path) -> Path:
+    """Save a random 1-layer LLaMA and a word-level tokenizer: a judge that runs in a second."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("judge")
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(JUDGE_WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
@@ -312,6 +300,11 @@ def judge_dir(tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory) -> Path:
+    return build_tiny_judge(tmp_path_factory.mktemp("judge"))
 
 
 def test_judge_refuses_a_hub_id():

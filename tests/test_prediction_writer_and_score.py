@@ -400,6 +400,28 @@ def test_score_bad_inputs_name_the_file(tmp_path, capsys):
     assert "not a local directory" in capsys.readouterr().err
 
 
+def test_score_with_the_local_judge_records_it(tmp_path, camer_manifest):
+    from test_open_vocabulary import build_tiny_judge
+
+    judge = build_tiny_judge(tmp_path / "judge")
+    predictions = write_csv(
+        tmp_path / "out.csv", ["names", "chi_reasons"], [["s1", "He is happy."], ["s2", "Sad."]]
+    )
+    out = tmp_path / "results" / "r.json"
+    argv = ["--predictions", str(predictions), "--references", str(camer_manifest)]
+    argv += ["--judge", str(judge), "--judge_max_new_tokens", "4", "--output", str(out)]
+    assert score_main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["extractor"]["extractor"] == "local_lm_judge"
+    assert result["extractor"]["path"] == str(judge.resolve())
+    cache = json.loads((tmp_path / "results" / "judge_cache.json").read_text())
+    # Two generated texts and two reference reasons, each asked once.
+    assert len(cache) == 4
+    assert "test/ov_acc" in result["metrics"]
+    assert score_main(argv) == 0  # second run answers from the cache
+    assert json.loads(out.read_text()) == result
+
+
 def test_score_is_registered_in_the_cli(tmp_path):
     from src.cli import main as cli_main
 
@@ -407,9 +429,8 @@ def test_score_is_registered_in_the_cli(tmp_path):
     assert cli_main(["score", "--predictions", str(ok), "--bootstrap", "0"]) == 0
 
 
-@pytest.mark.skipif(not os.environ.get("MOSEAR_REALDATA"), reason="MOSEAR_REALDATA is not set")
-def test_score_mer2024_files_end_to_end(tmp_path):
-    root = Path(os.environ["MOSEAR_REALDATA"]) / "open-vocabulary"
+def test_score_mer2024_files_end_to_end(tmp_path, realdata):
+    root = realdata / "open-vocabulary"
     out = tmp_path / "r.json"
     argv = [
         "--predictions",
