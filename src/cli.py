@@ -37,11 +37,17 @@ class MoSEARCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+            self.trainer.test(
+                self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None
+            )
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS and not any(a.startswith("--config") for a in argv):
+    if (
+        argv
+        and argv[0] in LIGHTNING_SUBCOMMANDS
+        and not any(a.startswith("--config") for a in argv)
+    ):
         return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
     return argv
 

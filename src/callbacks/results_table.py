@@ -20,7 +20,9 @@ def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str
     lines = [f"{'subset':<15} {'acc %':>7} {'wF1 %':>7}", "-" * 31]
     lines += [f"{name:<15} {acc:>7} {f1:>7}" for name, acc, f1 in rows]
     lines.append("-" * 31)
-    lines.append(f"{'modality_gap':<15} {cell('modality_gap'):>7}   (audio_aligned - video_aligned)")
+    lines.append(
+        f"{'modality_gap':<15} {cell('modality_gap'):>7}   (audio_aligned - video_aligned)"
+    )
     return "\n".join(lines)
 
 
@@ -36,7 +38,9 @@ class ResultsTable(Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)
+        }
         print("\n" + format_results_table(metrics, self.prefix))
         logger = mlflow_logger(trainer)
         if logger is not None:

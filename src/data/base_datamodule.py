@@ -118,12 +118,19 @@ class EmotionDataModule(L.LightningDataModule):
                 if self.on_error == "raise":
                     raise
                 self.skipped.append(
-                    {"name": record.name, "file": str(err.path), "field": err.field, "reason": err.reason}
+                    {
+                        "name": record.name,
+                        "file": str(err.path),
+                        "field": err.field,
+                        "reason": err.reason,
+                    }
                 )
                 continue
             kept.append(record)
         if self.skipped:
-            rank_zero_warn(f"skipped {len(self.skipped)} sample(s) with bad features (on_error=skip)")
+            rank_zero_warn(
+                f"skipped {len(self.skipped)} sample(s) with bad features (on_error=skip)"
+            )
         label_index = {w: i for i, w in enumerate(self.label_names)}
         for split in ("train", "val", "test"):
             split_records = [r for r in kept if r.split == split]
@@ -132,7 +139,9 @@ class EmotionDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         if len(dataset) == 0:
-            raise ValueError(f"{self.__class__.__name__} at {self.root}: the {split} split is empty")
+            raise ValueError(
+                f"{self.__class__.__name__} at {self.root}: the {split} split is empty"
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,

@@ -29,7 +29,9 @@ class EmotionCollator:
         self.pad_id = prompt_builder.tokenizer.pad_token_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        encoded = [self.prompt_builder.encode(it["subtitle"], it.get("task", "emotion")) for it in items]
+        encoded = [
+            self.prompt_builder.encode(it["subtitle"], it.get("task", "emotion")) for it in items
+        ]
         length = max(len(e.input_ids) for e in encoded)
         batch_size = len(items)
         input_ids = torch.full((batch_size, length), self.pad_id, dtype=torch.long)
@@ -47,8 +49,7 @@ class EmotionCollator:
             for s in self.prompt_builder.streams
         }
         targets = [
-            self.prompt_builder.answer_ids(it["target"]) if it.get("target") else []
-            for it in items
+            self.prompt_builder.answer_ids(it["target"]) if it.get("target") else [] for it in items
         ]
         return {
             "input_ids": input_ids,

@@ -1,4 +1,4 @@
-"""Reads per-sample feature vectors from the Emotion-LLaMA layout ``<root>/<feature_dir>/<name>.npy``."""
+"""Reads per-sample feature vectors in the Emotion-LLaMA layout: ``<root>/<dir>/<name>.npy``."""
 
 from pathlib import Path
 

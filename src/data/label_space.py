@@ -50,7 +50,8 @@ class LabelSpace:
         label = self.normalise(word)
         if label is None:
             raise ValueError(
-                f"{source}: {word!r} is not in the {self.name} label space ({', '.join(self.labels)})"
+                f"{source}: {word!r} is not in the {self.name} label space "
+                f"({', '.join(self.labels)})"
             )
         return self.labels.index(label)
 

@@ -49,7 +49,14 @@ PROMPT_WORDS: tuple[str, ...] = tuple(
 )
 
 #: Mean valence per MER2023 label, for the ``valence`` column of the label CSV.
-VALENCE = {"neutral": 0.0, "angry": -3.0, "happy": 3.0, "sad": -2.5, "worried": -1.5, "surprise": 1.0}
+VALENCE = {
+    "neutral": 0.0,
+    "angry": -3.0,
+    "happy": 3.0,
+    "sad": -2.5,
+    "worried": -1.5,
+    "surprise": 1.0,
+}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Local tokenizers: a word-level tokenizer trained on a closed vocabulary, or one from a checkpoint.
+"""Local tokenizers: a word-level one trained on a closed vocabulary, or a checkpoint's own.
 
 Tiny demo models have no checkpoint to bring a tokenizer, so the synthetic data set trains a
 word-level tokenizer on its own vocabulary (prompt template, subtitles, label words) with the
@@ -41,7 +41,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"tokenizer directory {str(path)!r} does not exist. Weights and tokenizers are only read "
+            f"tokenizer directory {str(path)!r} does not exist. Weights and tokenizers are only "
+            "read "
             "from local directories: download the checkpoint (e.g. `huggingface-cli download <id> "
             "--local-dir <dir>` on a machine with network) and set the config to that directory."
         )

@@ -39,13 +39,16 @@ def build_backbone(
             same in every process and every run, since checkpoints hold trainable weights only.
     """
     if (path is None) == (config is None):
-        raise ValueError("give exactly one of model.backbone_path (local dir) or model.backbone_config")
+        raise ValueError(
+            "give exactly one of model.backbone_path (local dir) or model.backbone_config"
+        )
     torch_dtype = resolve_dtype(dtype)
     if path is not None:
         if not Path(path).is_dir():
             raise FileNotFoundError(
-                f"backbone_path {path!r} is not a local directory. Weights are only read from local "
-                "directories (nothing is downloaded): fetch the checkpoint on a machine with network, "
+                f"backbone_path {path!r} is not a local directory. Weights are only read from "
+                "local directories (nothing is downloaded): fetch the checkpoint on a machine with "
+                "network, "
                 "e.g. `huggingface-cli download <repo id> --local-dir /models/<name>`, then set "
                 "model.backbone_path (and data.tokenizer) to that directory."
             )

@@ -92,7 +92,8 @@ class EmotionLLMModule(L.LightningModule):
             loss = loss + aux
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite loss {loss.item()} at global step {self.global_step}, batch {batch_idx} "
+                f"non-finite loss {loss.item()} at global step {self.global_step}, "
+                f"batch {batch_idx} "
                 f"(samples {batch['names'][:4]}...); the last good checkpoint is kept"
             )
         size = len(batch["names"])
@@ -108,7 +109,9 @@ class EmotionLLMModule(L.LightningModule):
         labelled = batch["labels"] >= 0
         if labelled.any():
             metrics.update(
-                scores.argmax(dim=1)[labelled], batch["labels"][labelled], batch["subset_ids"][labelled]
+                scores.argmax(dim=1)[labelled],
+                batch["labels"][labelled],
+                batch["subset_ids"][labelled],
             )
         return scores
 
@@ -175,4 +178,7 @@ class EmotionLLMModule(L.LightningModule):
             return optimizer
         warmup = self.warmup_steps
         scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -29,7 +29,9 @@ class ModalityContext:
     def bind(self, modality_ids: torch.Tensor) -> Iterator["ModalityContext"]:
         """Bind ``modality_ids`` (batch, seq) for the duration of a forward or generate call."""
         if modality_ids.dim() != 2:
-            raise ValueError(f"modality_ids must be (batch, seq), got shape {tuple(modality_ids.shape)}")
+            raise ValueError(
+                f"modality_ids must be (batch, seq), got shape {tuple(modality_ids.shape)}"
+            )
         previous, self._ids = self._ids, modality_ids
         try:
             yield self

@@ -49,7 +49,10 @@ class MultimodalEmotionLLM(nn.Module):
         self.modality_context = ModalityContext()
         hidden = backbone.get_input_embeddings().embedding_dim
         self.projectors = nn.ModuleDict(
-            {s.name: FeatureProjector(s.dim, hidden, s.tokens, projector_hidden) for s in self.streams}
+            {
+                s.name: FeatureProjector(s.dim, hidden, s.tokens, projector_hidden)
+                for s in self.streams
+            }
         )
         self.label_answer_ids = [encode_answer(tokenizer, label) for label in self.labels]
 
@@ -193,7 +196,9 @@ class MultimodalEmotionLLM(nn.Module):
         left = {
             "input_ids": torch.full((rows, width), pad, dtype=torch.long, device=device),
             "attention_mask": torch.zeros((rows, width), dtype=torch.long, device=device),
-            "modality_ids": torch.full((rows, width), int(Modality.PAD), dtype=torch.long, device=device),
+            "modality_ids": torch.full(
+                (rows, width), int(Modality.PAD), dtype=torch.long, device=device
+            ),
             "stream_ids": torch.full((rows, width), -1, dtype=torch.long, device=device),
         }
         for row, n in enumerate(lengths):

@@ -14,7 +14,9 @@ class FeatureProjector(nn.Module):
         mlp_hidden: Width of a GELU hidden layer; ``None`` for a single linear map.
     """
 
-    def __init__(self, dim: int, hidden_size: int, tokens: int, mlp_hidden: int | None = None) -> None:
+    def __init__(
+        self, dim: int, hidden_size: int, tokens: int, mlp_hidden: int | None = None
+    ) -> None:
         super().__init__()
         self.tokens = tokens
         self.hidden_size = hidden_size
@@ -22,7 +24,9 @@ class FeatureProjector(nn.Module):
         if mlp_hidden is None:
             self.net: nn.Module = nn.Linear(dim, out)
         else:
-            self.net = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, out))
+            self.net = nn.Sequential(
+                nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).view(x.shape[0], self.tokens, self.hidden_size)

@@ -42,7 +42,9 @@ class MosearMLFlowLogger(MLFlowLogger):
         log_model: Literal[True, False, "all"] = False,
         run_id: str | None = None,
     ) -> None:
-        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(save_dir)
+        tracking_uri = (
+            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(save_dir)
+        )
         if artifact_location is None and tracking_uri.startswith("sqlite:"):
             artifact_dir = Path(save_dir).resolve() / "artifacts"
             artifact_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class Adapter(ABC):
         self, llm: "MultimodalEmotionLLM", batch: dict[str, Any], step: int
     ) -> None:
         """Hook before each training forward (for example to update dynamic modality weights)."""
+        return None
 
     def step_metrics(self) -> dict[str, float]:
         """Scalars to log as ``train/<key>`` after each training step."""

@@ -1,0 +1,98 @@
+"""The real CLI on the tiny config: fit then test, checkpoint evaluation, composition, MLflow."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from src.cli import main
+from tests.conftest import REPO, TINY_CONFIG
+
+SUBSET_METRICS = [
+    "test/acc",
+    "test/f1_weighted",
+    "test/video_aligned/acc",
+    "test/audio_aligned/acc",
+    "test/consistent/acc",
+    "test/modality_gap",
+]
+
+
+def runs(workdir: Path, experiment: str = "tests"):
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment], order_by=["start_time ASC"])
+
+
+def test_fit_tests_the_best_checkpoint_and_logs_everything_to_mlflow(workdir, capsys):
+    cli = main(["fit", "--config", str(TINY_CONFIG)])
+    out = capsys.readouterr().out
+    assert (
+        "video_aligned" in out and "modality_gap" in out and "mlflow ui --backend-store-uri" in out
+    )
+    frame = runs(workdir)
+    assert len(frame) == 1
+    run = frame.iloc[0]
+    for name in [
+        *SUBSET_METRICS,
+        "val/acc",
+        "val/video_aligned/acc",
+        "val/modality_gap",
+        "train/loss",
+    ]:
+        assert f"metrics.{name}" in frame.columns, name
+        assert run[f"metrics.{name}"] == run[f"metrics.{name}"], f"{name} is NaN"
+    gap = run["metrics.test/audio_aligned/acc"] - run["metrics.test/video_aligned/acc"]
+    assert run["metrics.test/modality_gap"] == pytest.approx(gap, abs=1e-6)
+    # Flattened hyper-parameters and the resolved config as an artifact.
+    assert run["params.lr"] == "0.005"
+    client = mlflow.MlflowClient()
+    config_text = Path(
+        client.download_artifacts(run.run_id, "config.yaml", str(workdir))
+    ).read_text()
+    assert yaml.safe_load(config_text)["model"]["init_args"]["lr"] == 0.005
+    # The best checkpoint evaluates to the same test metrics through the `test` command.
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert Path(best).is_file()
+    main(["test", "--config", str(TINY_CONFIG), "--ckpt_path", best])
+    again = runs(workdir).iloc[-1]
+    for name in SUBSET_METRICS:
+        assert again[f"metrics.{name}"] == pytest.approx(run[f"metrics.{name}"], abs=1e-6), name
+
+
+def test_checkpoint_holds_only_trainable_weights(workdir):
+    import torch
+
+    cli = main(["fit", "--config", str(TINY_CONFIG), "--test_after_fit", "false"])
+    ckpt = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == trainable
+    assert not any("embed_tokens" in k for k in ckpt["state_dict"])
+
+
+def test_overrides_and_print_config(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(TINY_CONFIG), "--trainer.max_epochs", "3",
+              "--model.init_args.lr", "0.01", "--print_config"])  # fmt: skip
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["max_epochs"] == 3
+    assert config["model"]["init_args"]["lr"] == 0.01
+    assert config["data"]["init_args"]["synthetic"]["n_train"] == 48
+
+
+def test_experiment_config_composes_the_config_groups(workdir, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "conf/experiment/lora.yaml"), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "src.models.emotion_module.EmotionLLMModule"
+    assert config["model"]["init_args"]["adapter"]["class_path"].endswith("LoRAAdapter")
+    assert config["data"]["init_args"]["synthetic"]["seed"] == 0
+    assert config["trainer"]["logger"]["class_path"].endswith("MosearMLFlowLogger")
+
+
+def test_default_config_is_used_without_config(workdir, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["data"]["init_args"]["root"] == "data/camer_synthetic"
