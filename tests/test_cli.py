@@ -72,8 +72,18 @@ def test_checkpoint_holds_only_trainable_weights(workdir):
 
 def test_overrides_and_print_config(workdir, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(TINY_CONFIG), "--trainer.max_epochs", "3",
-              "--model.init_args.lr", "0.01", "--print_config"])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY_CONFIG),
+                "--trainer.max_epochs",
+                "3",
+                "--model.init_args.lr",
+                "0.01",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["trainer"]["max_epochs"] == 3

@@ -30,14 +30,20 @@ TINY_LLAMA = {
 def setup(tmp_path_factory) -> tuple[EmotionLLMModule, dict]:
     root = tmp_path_factory.mktemp("camer")
     data = CAMERDataModule(
-        str(root), streams=STREAMS, batch_size=5, eval_batch_size=5,
+        str(root),
+        streams=STREAMS,
+        batch_size=5,
+        eval_batch_size=5,
         synthetic=SyntheticCAMERConfig(n_train=10, n_val=5, n_test=10),
-    )  # fmt: skip
+    )
     data.setup("test")
     module = EmotionLLMModule(
-        backbone_config=TINY_LLAMA, adapter=LoRAAdapter(r=4), tokenizer=data.tokenizer_path,
-        labels=data.label_names, streams=STREAMS,
-    )  # fmt: skip
+        backbone_config=TINY_LLAMA,
+        adapter=LoRAAdapter(r=4),
+        tokenizer=data.tokenizer_path,
+        labels=data.label_names,
+        streams=STREAMS,
+    )
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero LoRA B so the adapter takes part in the check
         for name, p in module.named_parameters():
@@ -110,11 +116,15 @@ def test_a_hub_id_fails_with_advice(setup, tmp_path: Path):
     module, _ = setup
     with pytest.raises(FileNotFoundError, match="local director"):
         EmotionLLMModule(
-            backbone_path="meta-llama/Llama-2-7b-hf", tokenizer=module.hparams["tokenizer"],
-            labels=["a", "b"], streams=STREAMS,
-        )  # fmt: skip
+            backbone_path="meta-llama/Llama-2-7b-hf",
+            tokenizer=module.hparams["tokenizer"],
+            labels=["a", "b"],
+            streams=STREAMS,
+        )
     with pytest.raises(FileNotFoundError, match="local director"):
         EmotionLLMModule(
-            backbone_config=TINY_LLAMA, tokenizer=str(tmp_path / "no-such-dir"), labels=["a"],
+            backbone_config=TINY_LLAMA,
+            tokenizer=str(tmp_path / "no-such-dir"),
+            labels=["a"],
             streams=STREAMS,
-        )  # fmt: skip
+        )

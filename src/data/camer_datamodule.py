@@ -49,9 +49,17 @@ class CAMERDataModule(EmotionDataModule):
         templates: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
-            root, streams, tokenizer, label_space, task, batch_size, eval_batch_size,
-            num_workers, on_error, templates,
-        )  # fmt: skip
+            root,
+            streams,
+            tokenizer,
+            label_space,
+            task,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            on_error,
+            templates,
+        )
         self.manifest = manifest
         self.subtitles = subtitles
         self.subtitle_column = subtitle_column

@@ -148,9 +148,13 @@ class MultimodalEmotionLLM(nn.Module):
             raise ValueError(f"samples without a training target (label or reason): {missing[:5]}")
         seq = self._append(batch, targets)
         out = self.run_backbone(
-            seq["input_ids"], seq["attention_mask"], seq["modality_ids"], seq["stream_ids"],
-            seq["features"], labels=seq["lm_labels"],
-        )  # fmt: skip
+            seq["input_ids"],
+            seq["attention_mask"],
+            seq["modality_ids"],
+            seq["stream_ids"],
+            seq["features"],
+            labels=seq["lm_labels"],
+        )
         return out.loss
 
     def continuation_logprobs(self, seq: dict[str, Any]) -> torch.Tensor:
@@ -160,9 +164,13 @@ class MultimodalEmotionLLM(nn.Module):
         # Only positions that predict continuation tokens need logits (vocab x seq is large).
         keep = torch.arange(int(positions.min()), int(positions.max()) + 1, device=targets.device)
         out = self.run_backbone(
-            seq["input_ids"], seq["attention_mask"], seq["modality_ids"], seq["stream_ids"],
-            seq["features"], logits_to_keep=keep,
-        )  # fmt: skip
+            seq["input_ids"],
+            seq["attention_mask"],
+            seq["modality_ids"],
+            seq["stream_ids"],
+            seq["features"],
+            logits_to_keep=keep,
+        )
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         window = targets[:, keep]
         mask = window != -100
