@@ -17,6 +17,7 @@ from src.data.media import (
     decode_audio,
     decode_video,
     find_clip,
+    pad_audio,
     probe,
     sample_indices,
 )
@@ -248,3 +249,10 @@ def test_corrupt_wav_and_audio_only_file(tmp_path):
     wav = tmp_path / "tone.wav"
     sf.write(wav, np.zeros(1600, np.float32), 16_000)
     expect_error(lambda: decode_video(wav), wav, "video", "no video stream")
+
+
+def test_pad_audio_and_decoder_with_an_encoder_transform():
+    batch, lengths = pad_audio([torch.ones(3), torch.ones(5)])
+    assert batch.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] and lengths.tolist() == [3, 5]
+    transform = FrameTransform(8, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+    assert ClipDecoder(transform=transform).transform is transform

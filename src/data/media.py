@@ -328,6 +328,8 @@ class ClipDecoder:
         sample_rate: Audio rate.
         video: Decode frames.
         audio: Decode audio.
+        transform: A ready :class:`FrameTransform` (e.g. ``VisualEncoder.frame_transform()``);
+            overrides ``size``, ``mean``, ``std`` and ``crop``.
     """
 
     def __init__(
@@ -342,12 +344,13 @@ class ClipDecoder:
         sample_rate: int = SAMPLE_RATE,
         video: bool = True,
         audio: bool = True,
+        transform: FrameTransform | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.strategy, self.num_frames, self.sample_rate = strategy, num_frames, sample_rate
         self.video, self.audio = video, audio
-        self.transform = FrameTransform(size, mean, std, crop)
+        self.transform = transform or FrameTransform(size, mean, std, crop)
 
     def __call__(
         self,
@@ -372,3 +375,14 @@ class ClipDecoder:
         if self.audio:
             out["audio"] = decode_audio(audio_path or path, sample_rate=self.sample_rate)
         return out
+
+
+def pad_audio(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad mono waveforms into ``(B, n_max)`` with their lengths ``(B,)`` (encoder input)."""
+    if not waveforms:
+        raise ValueError("pad_audio needs at least one waveform")
+    lengths = torch.tensor([w.shape[-1] for w in waveforms], dtype=torch.long)
+    batch = torch.zeros(len(waveforms), int(lengths.max()), dtype=torch.float32)
+    for row, wave in enumerate(waveforms):
+        batch[row, : wave.shape[-1]] = wave
+    return batch, lengths
