@@ -285,7 +285,6 @@ def test_original_implementation_restored(model):
     assert model.config._attn_implementation == name
     restore_attention(model, name, original)
     assert model.config._attn_implementation == "sdpa"
-    assert not reallocator.is_bound
     torch.testing.assert_close(run(model, batch), plain, atol=0, rtol=0)
     # A stale switch to the uninstalled name fails loudly instead of silently running AR.
     model.set_attn_implementation(name)
@@ -423,3 +422,22 @@ def test_from_adapter_needs_weights_and_uses_them(model):
     from_adapter, _ = with_ar(model, batch, {"mode": "span_mass", "target": "from_adapter"})
     fixed, _ = with_ar(model, batch, {"mode": "span_mass", "target": "fixed", "audio_share": 0.25})
     torch.testing.assert_close(from_adapter, fixed, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("monitor", [True, False])
+def test_consecutive_forwards_do_not_reuse_stale_rows(model, monitor):
+    """Per-forward bookkeeping is shared across layers; a new batch of the same shape (and the
+    same ``None`` mask) with other modality ids must not reuse it."""
+    batch = make_batch(None)
+    flipped = {k: v.flip(0) for k, v in batch.items()}
+    reallocator = Reallocator(
+        mode="reweight", multipliers={"visual": 4.0}, layers=[1], monitor=monitor
+    ).bind(model._test_context, 2)
+    with reallocated(model, reallocator):
+        first = run(model, batch)
+        second = run(model, flipped)
+    torch.testing.assert_close(second, first.flip(0), atol=1e-5, rtol=0)
+    expected, _ = with_reference(
+        model, flipped, {"mode": "reweight", "multipliers": {"visual": 4.0}, "layers": [1]}
+    )
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=0)

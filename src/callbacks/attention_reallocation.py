@@ -124,6 +124,7 @@ class AttentionReallocation(Callback):
             backbone, original = self._installed
             self._installed = None
             restore_attention(backbone, self.name, original)
+            self.reallocator.unbind()  # drop the reference to the module's context
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._activate(pl_module)

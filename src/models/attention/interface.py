@@ -96,9 +96,7 @@ def install_reallocator(backbone: nn.Module, reallocator: Reallocator, name: str
 
 def restore_attention(backbone: nn.Module, name: str, original: str) -> None:
     """Switch ``backbone`` back to ``original`` and deactivate ``name``."""
-    reallocator = _ACTIVE.pop(name, None)
-    if reallocator is not None:
-        reallocator.unbind()
+    _ACTIVE.pop(name, None)
     model = unwrap_backbone(backbone)
     if model.config._attn_implementation != original:
         model.set_attn_implementation(original)

@@ -123,6 +123,8 @@ class Reallocator:
         self._context: ModalityContext | None = None
         self._layer_set: frozenset[int] = frozenset()
         self._adapter_share: float | None = None
+        self._plan: _Plan | None = None
+        self._log_factors = reweight_log_factors(self.multipliers, torch.device("cpu"))
 
     # ----------------------------------------------------------------- binding
 
@@ -168,11 +170,13 @@ class Reallocator:
         self._layer_set = frozenset(resolved)
         self.monitor = ShareMonitor(num_layers) if self.monitor_enabled else None
         self.calls = 0
+        self._plan = None
         return self
 
     def unbind(self) -> None:
         """Detach the context (the monitor's numbers stay readable)."""
         self._context = None
+        self._plan = None
 
     # ------------------------------------------------------- attention function
 
@@ -205,65 +209,86 @@ class Reallocator:
         plain_kwargs = dict(kwargs, dropout=dropout, scaling=scaling)
         if not (acts or self.monitor is not None):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
-
-        batch, heads, q_len, _ = query.shape
-        k_len = key.shape[2]
-        key_ids = self._context.keys(k_len).to(query.device)
-        rows = self._rows(self._context.queries(q_len, k_len).to(query.device))
-        index = rows.any(0).nonzero().squeeze(1)
-        if index.numel() == 0:
+        plan = self._plan_for(layer, query, key, attention_mask)
+        if plan.index is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
-        visible, additive = _mask_rows(attention_mask, index, batch, q_len, k_len, query.device)
-        selected = rows[:, None, index] & self._head_mask(heads, query.device)[None, :, None]
 
         log_masses = None
         if self.monitor is not None or self.mode == "span_mass":
             groups = getattr(module, "num_key_value_groups", 1)
-            logits = _logits(query[:, :, index], key, scale, groups)
-            logits = logits + additive if additive is not None else logits
-            logits = logits.masked_fill(~visible, float("-inf"))
-            log_masses = span_log_masses(logits, key_ids)
+            logits = _logits(query[:, :, plan.index], key, scale, groups)
+            logits = logits + plan.additive if plan.additive is not None else logits
+            logits = logits.masked_fill(~plan.visible, float("-inf"))
+            # The text mass is only needed by the monitor.
+            n = len(MONITORED) if self.monitor is not None else 2
+            log_masses = span_log_masses(logits, plan.key_ids, n)
 
+        sub_mask, after = None, None
         if self.mode == "reweight":
-            factors = reweight_log_factors(self.multipliers, query.device)
-            bias = per_key_bias(factors.expand(batch, 1, 1, -1), key_ids)
-            bias = torch.where(selected[..., None], bias, 0.0) if acts else None
-            after = None if log_masses is None else reweighted_log_masses(log_masses, factors)
+            if acts:
+                sub_mask = plan.reweight_mask(self._log_factors, query.dtype)
+            if log_masses is not None:
+                after = reweighted_log_masses(log_masses, self._log_factors.to(query.device))
         else:
-            share = self._target_share(key_ids, visible)
-            factors = span_mass_log_factors(log_masses, share, self.strength)
-            factors = torch.where(selected[..., None], factors, 0.0)
-            bias = per_key_bias(factors, key_ids) if acts else None
-            after = span_mass_log_masses(log_masses, factors)
+            factors = span_mass_log_factors(log_masses, self._target_share(plan), self.strength)
+            factors = torch.where(plan.selected[..., None], factors, 0.0)
+            if acts:
+                sub_mask = plan.merge(per_key_bias(factors, plan.key_ids), query.dtype)
+            if self.monitor is not None:
+                after = span_mass_log_masses(log_masses, factors)
 
         if self.monitor is not None:
-            if not acts:
-                after = log_masses
-            self.monitor.update(layer, log_masses.exp(), after.exp(), selected)
-        if bias is None:
+            after = after if acts else log_masses
+            self.monitor.update(layer, log_masses.exp(), after.exp(), plan.selected)
+        if sub_mask is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
 
-        # Rows outside the selection keep the unbiased SDPA call (and its fast kernel).
+        # Only the selected rows are recomputed with the bias (merged into a float mask); the
+        # others keep the plain SDPA call and its fast kernel.
         dropped = ("is_causal", "position_bias")
         sub_kwargs = {k: v for k, v in plain_kwargs.items() if k not in dropped}
-        sub_mask = visible if additive is None else additive
         out_rows, _ = sdpa_attention_forward(
-            module,
-            query[:, :, index],
-            key,
-            value,
-            sub_mask,
-            position_bias=bias.to(query.dtype),
-            is_causal=False,
-            **sub_kwargs,
+            module, query[:, :, plan.index], key, value, sub_mask, is_causal=False, **sub_kwargs
         )
-        if index.numel() == q_len:
+        if plan.full:
             return out_rows, None
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
         # Per sample, only its own selected rows take the biased result (the union of rows may
         # hold another sample's padding rows, whose fully masked output SDPA defines differently).
-        out[:, index] = torch.where(rows[:, index, None, None], out_rows, out[:, index])
+        rows = out[:, plan.index]
+        out[:, plan.index] = torch.where(plan.own_rows, out_rows, rows)
         return out, None
+
+    def _plan_for(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> "_Plan":
+        """The row/key bookkeeping of the current forward, built at its first layer.
+
+        Every layer of one forward sees the same mask object and lengths, and layers come in
+        increasing order; a lower-or-equal layer index means a new forward.
+        """
+        plan = self._plan
+        batch, heads, q_len, _ = query.shape
+        k_len = key.shape[2]
+        if (
+            plan is None
+            or layer <= plan.layer
+            or plan.attention_mask is not attention_mask
+            or plan.q_len != q_len
+            or plan.k_len != k_len
+        ):
+            device = query.device
+            key_ids = self._context.keys(k_len).to(device)
+            rows = self._rows(self._context.queries(q_len, k_len).to(device))
+            head_mask = self._head_mask(heads, device)
+            plan = _Plan(key_ids, rows, attention_mask, q_len, head_mask, self.heads is None)
+            self._plan = plan
+        plan.layer = layer
+        return plan
 
     # ------------------------------------------------------------------ helpers
 
@@ -287,18 +312,15 @@ class Reallocator:
         mask[self.heads] = True
         return mask
 
-    def _target_share(self, key_ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | float:
-        """Target audio share of the audio+visual mass, a float or ``(B, 1, Q)``."""
+    def _target_share(self, plan: "_Plan") -> torch.Tensor | float:
+        """Target audio share of the audio+visual mass, a float or ``(B, 1, U)``."""
         if self.target == "fixed":
             return self.audio_share
         if self.target == "from_adapter":
             if self._adapter_share is None:
                 raise RuntimeError("AR target 'from_adapter' needs modality weights in bind()")
             return self._adapter_share
-        groups = key_groups(key_ids)[..., :2] & visible[..., None]  # (B, 1, Q, K, 2)
-        counts = groups.sum(dim=-2).to(torch.float32)
-        # Rows without both spans are left alone later; avoid 0/0 here.
-        return counts[..., 0] / counts.sum(-1).clamp_min(1.0)
+        return plan.proportional_share()
 
     def _pai_eager(
         self,
@@ -338,6 +360,74 @@ class Reallocator:
         weights = weights.to(query.dtype)
         out = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
         return out, weights
+
+
+class _Plan:
+    """Row and key bookkeeping shared by every layer of one forward (cheap to reuse in decode).
+
+    Args:
+        key_ids: ``(B, K)`` key modality ids.
+        rows: ``(B, Q)`` boolean, the selected query rows.
+        attention_mask: the mask the layers receive (kept to recognise the same forward).
+        q_len: query length.
+        head_mask: ``(H,)`` boolean, the selected heads.
+        all_heads: whether every head is selected.
+    """
+
+    def __init__(
+        self,
+        key_ids: torch.Tensor,
+        rows: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        q_len: int,
+        head_mask: torch.Tensor,
+        all_heads: bool,
+    ) -> None:
+        self.key_ids = key_ids
+        self.all_heads = all_heads
+        self.attention_mask = attention_mask
+        self.q_len = q_len
+        self.k_len = key_ids.shape[1]
+        self.layer = -1
+        index = rows.any(0).nonzero().squeeze(1)
+        self.index = index if index.numel() else None
+        self.full = index.numel() == q_len
+        if self.index is None:
+            return
+        batch = rows.shape[0]
+        self.visible, self.additive = _mask_rows(
+            attention_mask, index, batch, q_len, self.k_len, key_ids.device
+        )
+        self.selected = rows[:, None, index] & head_mask[None, :, None]  # (B, H, U)
+        self.own_rows = rows[:, index, None, None]  # (B, U, 1, 1), output layout
+        self._share: torch.Tensor | None = None
+        self._reweight: torch.Tensor | None = None
+
+    def merge(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The float SDPA mask of the selected rows: the mask plus ``bias``."""
+        bias = bias.to(dtype)
+        if self.additive is not None:
+            return self.additive.to(dtype) + bias
+        return torch.where(self.visible, bias, torch.finfo(dtype).min)
+
+    def reweight_mask(self, log_factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``reweight``'s mask, the same for every layer of the forward."""
+        if self._reweight is None:
+            factors = log_factors.to(self.key_ids.device).expand(self.key_ids.shape[0], 1, 1, -1)
+            bias = per_key_bias(factors, self.key_ids)  # (B, 1, 1, K)
+            # With every head selected one mask row serves all heads.
+            selected = self.selected[:, :1] if self.all_heads else self.selected
+            self._reweight = self.merge(torch.where(selected[..., None], bias, 0.0), dtype)
+        return self._reweight
+
+    def proportional_share(self) -> torch.Tensor:
+        """Visible audio keys / visible audio+visual keys per row, ``(B, 1, U)``."""
+        if self._share is None:
+            groups = key_groups(self.key_ids)[..., :2] & self.visible[..., None]
+            counts = groups.sum(dim=-2).to(torch.float32)
+            # Rows without both spans are left alone later; avoid 0/0 here.
+            self._share = counts[..., 0] / counts.sum(-1).clamp_min(1.0)
+        return self._share
 
 
 def _share_from_weights(weights: dict[str, float] | None) -> float:

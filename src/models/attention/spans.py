@@ -24,22 +24,25 @@ def key_groups(key_ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([key_ids == int(m) for m in MONITORED], dim=-1)[:, None, None]
 
 
-def span_log_masses(logits: torch.Tensor, key_ids: torch.Tensor) -> torch.Tensor:
+def span_log_masses(
+    logits: torch.Tensor, key_ids: torch.Tensor, count: int = len(MONITORED)
+) -> torch.Tensor:
     """Log of the softmax mass each query row puts on audio, visual and text keys.
 
     Args:
         logits: ``(B, H, Q, K)`` attention logits, ``-inf`` on masked keys.
         key_ids: ``(B, K)`` modality ids of the keys.
+        count: how many of the monitored modalities to measure (2: audio and visual only).
 
     Returns:
-        ``(B, H, Q, 3)`` log masses; ``-inf`` for a modality with no visible key and for rows
-        with no visible key at all.
+        ``(B, H, Q, count)`` log masses; ``-inf`` for a modality with no visible key and for
+        rows with no visible key at all.
     """
     total = torch.logsumexp(logits, dim=-1, keepdim=True)
     groups = key_groups(key_ids)
     spans = [
         torch.logsumexp(logits.masked_fill(~groups[..., i], -math.inf), dim=-1)
-        for i in range(len(MONITORED))
+        for i in range(count)
     ]
     log_masses = torch.stack(spans, dim=-1)
     # A fully masked row (left padding) has total -inf; report no mass instead of NaN.
