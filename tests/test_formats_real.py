@@ -1,8 +1,7 @@
-"""Parsers against the real files in $MOSEAR_REALDATA (skipped when unset, failing when missing)."""
+"""Parsers against the real files in $MOSEAR_REALDATA (the ``realdata`` fixture of conftest.py:
+skipped when unset, failing when set but missing)."""
 
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -17,18 +16,6 @@ CLIP_LABELS = {
     "sample_00000727": "sad",
     "sample_00001073": "happy",
 }
-
-
-@pytest.fixture(scope="module")
-def realdata() -> Path:
-    value = os.environ.get("MOSEAR_REALDATA")
-    if not value:
-        pytest.skip("MOSEAR_REALDATA is not set")
-    root = Path(value)
-    for part in ("mer2023-mini/label.csv", "emer/gt-eng.csv", "dfew/DFEW_set_1_test.txt"):
-        if not (root / part).is_file():
-            pytest.fail(f"MOSEAR_REALDATA={root} but {part} is missing")
-    return root
 
 
 def test_mer2023_label_csv_six_clips_one_per_class(realdata):

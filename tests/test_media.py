@@ -1,6 +1,5 @@
 """Media decoding: the six real MER2023 clips, clips written here with PyAV, and broken files."""
 
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -34,11 +33,9 @@ REAL_CLIPS = {
 
 
 @pytest.fixture(scope="module")
-def video_dir() -> Path:
-    value = os.environ.get("MOSEAR_REALDATA")
-    if not value:
-        pytest.skip("MOSEAR_REALDATA is not set")
-    folder = Path(value) / "mer2023-mini" / "video"
+def video_dir(realdata: Path) -> Path:
+    """The real clips (``realdata`` from conftest.py skips when $MOSEAR_REALDATA is unset)."""
+    folder = realdata / "mer2023-mini" / "video"
     missing = [n for n in REAL_CLIPS if not (folder / f"{n}.mp4").is_file()]
     if missing:
         pytest.fail(f"MOSEAR_REALDATA is set but clips are missing: {missing}")
