@@ -30,6 +30,7 @@ from src.metrics.open_vocabulary import (
     RuleBasedExtractor,
     open_vocabulary_metrics,
     read_openset_cell,
+    text_to_label,
 )
 
 LABELS = MER2023.labels
@@ -271,6 +272,24 @@ def test_score_is_deterministic(tmp_path):
     for name in ("a.json", "b.json"):
         assert score_main(["--predictions", str(path), "--output", str(tmp_path / name)]) == 0
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+def test_score_closed_set_from_generated_text(tmp_path):
+    path = tmp_path / "predictions.csv"
+    run_predict(ToyModule(), PredictionCSVWriter(path))
+    out = tmp_path / "r.json"
+    argv = ["--predictions", str(path), "--closed_from", "text", "--bootstrap", "0"]
+    assert score_main([*argv, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    labelled = [r for r in read_rows(path) if r["label"]]
+    from_text = [text_to_label(r["text"], MER2023) for r in labelled]
+    y = [LABELS.index(r["label"]) for r in labelled]
+    p = [-1 if i is None else i for i in from_text]
+    assert result["metrics"]["test/acc"] == pytest.approx(accuracy_score(y, p))
+    assert result["metrics"]["test/unparsed_rate"] == pytest.approx(np.mean(np.array(p) == -1))
+    assert 0 < result["metrics"]["test/unparsed_rate"] < 1
+    assert result["closed_from"] == "text"
+    assert score_main([*argv[:2], "--closed_from", "guess"]) == 2
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:

@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from src.data.label_space import LabelSpace, get_label_space
+from src.data.label_space import LABEL_SPACES, LabelSpace, get_label_space
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import RuleBasedExtractor, text_to_label
 
@@ -168,7 +168,7 @@ class PredictionCSVWriter(BasePredictionWriter):
     Args:
         output: Path of the CSV file.
         label_names: Label order of the score columns; by default
-            ``pl_module.model.label_space.labels``.
+            ``pl_module.model.label_space.labels`` or ``pl_module.model.labels``.
         vocabulary: A ``name,format`` emotion vocabulary for the ``extracted`` column; the
             built-in vocabulary when ``None``.
         negation: Apply the extractor's negation rule.
@@ -207,16 +207,22 @@ class PredictionCSVWriter(BasePredictionWriter):
         return sorted(p for p in parent.iterdir() if pattern.fullmatch(p.name))
 
     def _resolve_label_space(self, pl_module: pl.LightningModule) -> LabelSpace:
-        model_space = getattr(getattr(pl_module, "model", None), "label_space", None)
-        if self.label_names is not None:
-            if model_space is not None and tuple(model_space.labels) == self.label_names:
-                return model_space
-            return get_label_space(self.label_names)
-        if model_space is None:
+        model = getattr(pl_module, "model", None)
+        model_space = getattr(model, "label_space", None)
+        if isinstance(model_space, LabelSpace) and self.label_names in (None, model_space.labels):
+            return model_space
+        names = self.label_names
+        if names is None and getattr(model, "labels", None) is not None:
+            names = tuple(model.labels)
+        if names is None:
             raise ValueError(
-                "PredictionCSVWriter needs label_names, or pl_module.model.label_space"
+                "PredictionCSVWriter needs label_names, or pl_module.model.label_space / .labels"
             )
-        return model_space
+        # A known label space keeps its name; any other list becomes a custom one.
+        for space in LABEL_SPACES.values():
+            if space.labels == tuple(names):
+                return space
+        return get_label_space(list(names))
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._label_space = self._resolve_label_space(pl_module)

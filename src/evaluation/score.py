@@ -304,8 +304,17 @@ def _join(samples: list[ScoredSample], refs: dict[str, ReferenceRow]) -> int:
     return unmatched
 
 
-def _predicted_index(sample: ScoredSample, space: LabelSpace, unknown: Counter) -> tuple[int, bool]:
-    """Class index (``-1`` unparsed) and whether the prediction was an unknown label word."""
+def _predicted_index(
+    sample: ScoredSample, space: LabelSpace, unknown: Counter, from_text: bool = False
+) -> tuple[int, bool]:
+    """Class index (``-1`` unparsed) and whether the prediction was an unknown label word.
+
+    With ``from_text`` the generated text decides, wherever there is one (``--closed_from
+    text``: the closed-set accuracy of the generated answers rather than of label scoring).
+    """
+    if from_text and sample.text is not None:
+        index = text_to_label(sample.text, space)
+        return (-1 if index is None else index), False
     if sample.prediction is not None:
         label = space.normalise(sample.prediction)
         if label is None:
@@ -332,18 +341,24 @@ def score(
     prefix: str = "test/",
     bootstrap: int = DEFAULT_BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    closed_from: str = "prediction",
 ) -> ScoreReport:
     """Closed-set metrics for samples with a gold label, open-vocabulary ones for samples with
     gold emotion words (or a reference reasoning); see ``docs/evaluation.md``."""
+    if closed_from not in ("prediction", "text"):
+        raise ValueError(f"--closed_from must be 'prediction' or 'text', got {closed_from!r}")
     report = ScoreReport()
     unknown: Counter = Counter()
+    from_text = closed_from == "text"
 
     closed = [s for s in samples if s.label is not None]
     if closed:
         metric = EmotionMetrics(
             len(space), prefix=prefix, bootstrap_resamples=bootstrap, bootstrap_seed=seed
         )
-        preds, flags = zip(*(_predicted_index(s, space, unknown) for s in closed), strict=True)
+        preds, flags = zip(
+            *(_predicted_index(s, space, unknown, from_text) for s in closed), strict=True
+        )
         target = [space.labels.index(s.label) for s in closed]
         subset_idx = [SUBSETS.index(s.subset) if s.subset else -1 for s in closed]
         metric.update(torch.tensor(preds), torch.tensor(target), torch.tensor(subset_idx))
@@ -393,6 +408,7 @@ def score(
         "extractor": extractor.identity,
         "vocabulary": vocabulary.identity,
         "oov": oov,
+        "closed_from": closed_from,
         "bootstrap": {"resamples": bootstrap, "seed": seed, "alpha": 0.05},
     }
     return report
@@ -440,6 +456,13 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--oov", type=str, default="keep", help="Words outside the vocabulary: keep or drop."
+    )
+    parser.add_argument(
+        "--closed_from",
+        type=str,
+        default="prediction",
+        help="Closed-set prediction from the 'prediction' column (label scoring) or from the "
+        "generated 'text'.",
     )
     parser.add_argument("--negation", type=bool, default=True, help="Rule-based negation.")
     parser.add_argument(
@@ -493,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.prefix,
             bootstrap=args.bootstrap,
             seed=args.seed,
+            closed_from=args.closed_from,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"score: error: {err}", file=sys.stderr)
