@@ -171,6 +171,18 @@ def test_writer_without_generation_leaves_text_empty(tmp_path):
     assert all(r["prediction"] in LABELS for r in rows)
 
 
+def test_writer_takes_labels_from_model_labels(tmp_path):
+    module = ToyModule()
+    module.model = SimpleNamespace(labels=list(LABELS))  # what MultimodalEmotionLLM exposes
+    run_predict(module, PredictionCSVWriter(tmp_path / "p.csv"))
+    check_written_file(tmp_path / "p.csv")
+    module.model = SimpleNamespace()
+    with pytest.raises(ValueError, match="needs label_names"):
+        run_predict(module, PredictionCSVWriter(tmp_path / "q.csv"))
+    run_predict(module, PredictionCSVWriter(tmp_path / "q.csv", label_names=LABELS))
+    check_written_file(tmp_path / "q.csv")
+
+
 def test_a_crash_leaves_the_previous_file_untouched(tmp_path):
     target = tmp_path / "predictions.csv"
     target.write_text("previous results\n")
