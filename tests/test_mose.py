@@ -192,10 +192,13 @@ def test_gate_probabilities_sum_to_one_per_modality(top_k: int | None) -> None:
 def test_top_k_mixes_only_k_experts_renormalised() -> None:
     ctx, ids = ModalityContext(), mixed_ids()
     layer = MoSELinear(nn.Linear(16, 16), ctx, rank=4, n_visual_experts=4, top_k=2)
-    x = torch.randn(*ids.shape, 16).reshape(-1, 16)
+    x = torch.randn(*ids.shape, 16)
+    with torch.no_grad(), ctx.bind(ids):
+        layer(x)  # the real forward runs through the same gate
     idx = (ids.reshape(-1) == V).nonzero().squeeze(1)
     group = next(g for g in layer.groups if g.name == "visual")
-    probs, mix = layer._gate(group, x, x[idx] @ layer.lora_A.t(), idx)
+    logits = layer.gates["visual"](x.reshape(-1, 16)[idx])
+    probs, mix = layer._gate(group, logits, len(idx))
     assert ((mix > 0).sum(-1) == 2).all()
     torch.testing.assert_close(mix.sum(-1), torch.ones(len(idx)))
     top2 = probs.topk(2, -1)

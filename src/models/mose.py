@@ -117,6 +117,9 @@ class MoSELinear(nn.Module):
         modality_weights: Source of the audio/visual weights (default: constant 1). It is not
             registered as a submodule here; :func:`inject_mose` registers it once on the model.
         routing: Shared :class:`RoutingCache` (default: a private one).
+        track_contribution: Record each modality's contribution attached to the graph (needed
+            by the cross-modality balance loss; costs one saved ``(tokens, out)`` tensor per
+            group). When off, the contribution is recorded detached, for logging only.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class MoSELinear(nn.Module):
         gate_input: str = "hidden",
         modality_weights: ModalityWeights | None = None,
         routing: RoutingCache | None = None,
+        track_contribution: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -191,6 +195,13 @@ class MoSELinear(nn.Module):
             }
         )
 
+        # Columns of each gated group in the concatenated gate logits.
+        self._gate_columns: dict[str, tuple[int, int]] = {}
+        for g in self.groups:
+            if g.n_experts > 1:
+                start = max((stop for _, stop in self._gate_columns.values()), default=0)
+                self._gate_columns[g.name] = (start, start + g.n_experts)
+        self.track_contribution = track_contribution
         self.context = context
         # Plain attributes, not submodules: shared by all layers and registered once elsewhere.
         self.__dict__["_modality_weights"] = modality_weights
@@ -226,20 +237,27 @@ class MoSELinear(nn.Module):
         weights = self._current_weights(h)
         record = self.training and torch.is_grad_enabled()
 
+        logits = self._gate_logits(flat_x, h)
         delta = h.new_zeros(flat_x.shape[0], self.out_features)
         layer_record: LayerRecord = {}
         for group in self.groups:
             idx = indices[int(group.modality)]
             h_g = h.index_select(0, idx)
-            probs, mix = self._gate(group, flat_x, h_g, idx)
+            group_logits = None
+            if group.name in self._gate_columns:
+                start, stop = self._gate_columns[group.name]
+                group_logits = logits.index_select(0, idx)[:, start:stop]
+            probs, mix = self._gate(group, group_logits, h_g.shape[0])
             coeff = mix * self.scaling
             if group.weight_index is not None:
                 coeff = coeff * weights[group.weight_index]
             out_g = self._mix_experts(h_g, coeff, self.experts[group.name])
             # Runs even for an empty group, so every parameter is in the graph of every step.
-            delta.index_add_(0, idx, out_g)
+            # index_put_ (groups are disjoint) saves only the indices for backward, where
+            # index_add_ would also keep out_g alive: one (tokens, out) tensor per layer.
+            delta.index_put_((idx,), out_g)
             if record:
-                layer_record[group.name] = _make_record(probs, mix, out_g)
+                layer_record[group.name] = _make_record(probs, mix, out_g, self.track_contribution)
         if record:
             self._records.append(layer_record)
             del self._records[:-MAX_RECORDS]
@@ -251,15 +269,26 @@ class MoSELinear(nn.Module):
             return like.new_ones(2)
         return source.weights().to(like)
 
+    def _gate_logits(self, flat_x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        """Gate logits of every token for every gated group, ``(tokens, sum of experts)``.
+
+        One matmul over all tokens on the input the base layer already saved for backward,
+        rather than a gathered copy per group (cheaper in memory, one kernel).
+        """
+        if not self._gate_columns:
+            return None
+        source = flat_x if self.gate_input == "hidden" else h
+        weight = torch.cat([self.gates[name].weight for name in self._gate_columns])
+        return source @ weight.t()
+
     def _gate(
-        self, group: ExpertGroup, flat_x: torch.Tensor, h_g: torch.Tensor, idx: torch.Tensor
+        self, group: ExpertGroup, logits: torch.Tensor | None, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate probabilities and mixing weights ``(tokens, experts)`` of a group's tokens."""
-        if group.n_experts == 1:
-            ones = h_g.new_ones(h_g.shape[0], 1)
+        """Gate probabilities and mixing weights ``(tokens, experts)`` from a group's logits."""
+        if logits is None:  # a single expert: a plain LoRA B, weight 1
+            ones = self.lora_A.new_ones(n_tokens, 1)
             return ones, ones
-        gate_in = flat_x.index_select(0, idx) if self.gate_input == "hidden" else h_g
-        probs = torch.softmax(self.gates[group.name](gate_in).float(), dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)
         if self.top_k is None or self.top_k >= group.n_experts:
             return probs, probs
         top = probs.topk(self.top_k, dim=-1).indices
@@ -293,13 +322,16 @@ class MoSELinear(nn.Module):
         self._records = []
 
 
-def _make_record(probs: torch.Tensor, mix: torch.Tensor, out_g: torch.Tensor) -> GateRecord:
+def _make_record(
+    probs: torch.Tensor, mix: torch.Tensor, out_g: torch.Tensor, track_contribution: bool
+) -> GateRecord:
     count, n_experts = int(probs.shape[0]), probs.shape[1]
     if mix is probs and n_experts > 1:  # dense gate: count each token for its arg-max expert
         chosen = F.one_hot(probs.detach().argmax(-1), n_experts).bool()
     else:
         chosen = mix.detach() > 0
-    sq_norm = out_g.float().pow(2).sum(-1)
+    # Attached to the graph, the contribution keeps out_g alive until backward: only on demand.
+    sq_norm = (out_g if track_contribution else out_g.detach()).float().pow(2).sum(-1)
     contribution = sq_norm.mean() if count > 0 else sq_norm.sum()
     return GateRecord(
         probs=probs,
@@ -329,6 +361,7 @@ def inject_mose(
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
     layers: Sequence[int] | None = None,
     modality_weights: ModalityWeights | None = None,
+    layer_cls: type[MoSELinear] | None = None,
     **mose_kwargs,
 ) -> list[MoSELinear]:
     """Replace the matching ``nn.Linear`` modules of ``model`` by :class:`MoSELinear`.
@@ -344,6 +377,7 @@ def inject_mose(
         layers: Transformer layer indices to adapt (the first integer in the module path);
             ``None`` adapts every layer.
         modality_weights: Strategy for the audio/visual weights (default: constant 1).
+        layer_cls: :class:`MoSELinear` or a subclass (the benchmark's per-expert loop).
         **mose_kwargs: Arguments of :class:`MoSELinear` (rank, alpha, n_audio_experts, ...).
 
     Returns:
@@ -389,7 +423,7 @@ def inject_mose(
     for name, module in matches:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MoSELinear(
+        layer = (layer_cls or MoSELinear)(
             module, context, modality_weights=modality_weights, routing=routing, **mose_kwargs
         )
         setattr(parent, child, layer)

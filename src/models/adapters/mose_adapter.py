@@ -103,6 +103,8 @@ class MoSEAdapter(Adapter):
             "text_mode": text_mode,
             "top_k": top_k,
             "gate_input": gate_input,
+            # The cross-modality term needs contributions attached to the graph; else log only.
+            "track_contribution": modality_balance_weight > 0,
         }
         # Fail at config time, not after the backbone is loaded: build one throw-away layer.
         MoSELinear(nn.Linear(2, 2), ModalityContext(), **self.layer_kwargs)
