@@ -158,7 +158,8 @@ class EagerReference:
                     probs[b, h, row] = p
                     before = _masses(original[b, h, row], ids)
                     after = _masses(p, ids)
-                    self.sums[layer] += torch.cat([before, after, torch.ones(1)]).double()
+                    one = torch.ones(1, device=p.device)
+                    self.sums[layer] += torch.cat([before, after, one]).double().cpu()
         out = (probs @ value).transpose(1, 2).contiguous().to(query.dtype)
         return out, probs
 
@@ -167,6 +168,7 @@ def run(model, batch, attention=None, *, generate: int = 0) -> torch.Tensor:
     """Forward logits (or greedy tokens) with ``modality_ids`` bound; ``attention`` = a callable
     registered for the call (the eager reference), or a Reallocator, or None for plain SDPA."""
     context = model._test_context
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad(), context.bind(batch["modality_ids"]):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if generate:
@@ -174,9 +176,13 @@ def run(model, batch, attention=None, *, generate: int = 0) -> torch.Tensor:
         return model(**inputs).logits
 
 
-@pytest.fixture()
-def model() -> LlamaForCausalLM:
-    llm = tiny_llama()
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])
+def model(request) -> LlamaForCausalLM:
+    """The tiny Llama on each available device (the CUDA run checks the GPU SDPA kernels)."""
+    llm = tiny_llama().to(request.param)
     llm._test_context = ModalityContext()
     return llm
 
@@ -248,9 +254,9 @@ def test_forward_equals_eager_reference(model, padding, settings):
     # The reallocation must matter, or the parity above proves nothing.
     assert (out[real] - run(model, batch)[real]).abs().max() > 1e-3
     # The share monitor equals the shares the reference computed row by row.
-    before, after = reallocator.monitor.per_layer()
+    before, after = (x.cpu() for x in reallocator.monitor.per_layer())
     count = reference.sums[:, -1:]
-    torch.testing.assert_close(reallocator.monitor.count, reference.sums[:, -1])
+    torch.testing.assert_close(reallocator.monitor.count.cpu(), reference.sums[:, -1])
     torch.testing.assert_close(before, reference.sums[:, :3] / count, atol=1e-6, rtol=0)
     torch.testing.assert_close(after, reference.sums[:, 3:6] / count, atol=1e-6, rtol=0)
 
@@ -264,7 +270,7 @@ def test_greedy_generation_equals_eager_reference(model, padding, settings):
     assert torch.equal(tokens, expected)
     # Every step of the KV-cached decode went through AR (prefill + 5 one-token steps).
     assert reallocator.calls == 6 * model.config.num_hidden_layers
-    torch.testing.assert_close(reallocator.monitor.count, reference.sums[:, -1])
+    torch.testing.assert_close(reallocator.monitor.count.cpu(), reference.sums[:, -1])
 
 
 def test_generation_changes_under_reallocation(model):
@@ -297,7 +303,7 @@ def test_restored_after_exception(model):
     reallocator = Reallocator(mode="reweight").bind(model._test_context, 2)
     with pytest.raises(RuntimeError, match="no modality_ids"):
         with reallocated(model, reallocator):
-            model(input_ids=torch.ones(1, 4, dtype=torch.long))  # nothing bound
+            model(input_ids=torch.ones(1, 4, dtype=torch.long, device=model.device))  # unbound
     assert model.config._attn_implementation == "sdpa"
 
 
