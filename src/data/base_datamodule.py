@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from src.data.collate import EmotionCollator
 from src.data.dataset import FeatureDataset
@@ -47,6 +48,8 @@ class EmotionDataModule(L.LightningDataModule):
         on_error: ``raise`` stops at the first bad sample; ``skip`` drops it and lists it in
             :attr:`skipped` (logged to MLflow by the module as ``skipped_samples.csv``).
         templates: Prompt templates per task (default: Emotion-LLaMA style).
+        shuffle_seed: Seed of the training order; epoch ``e`` uses ``shuffle_seed + e`` whatever
+            happened before, so a run resumed from a checkpoint sees the same batches.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class EmotionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -73,6 +77,7 @@ class EmotionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.on_error = on_error
         self.templates = templates
+        self.shuffle_seed = shuffle_seed
         self.skipped: list[dict[str, str]] = []
         self.datasets: dict[str, FeatureDataset] = {}
         self._collator: EmotionCollator | None = None
@@ -136,6 +141,21 @@ class EmotionDataModule(L.LightningDataModule):
             split_records = [r for r in kept if r.split == split]
             self.datasets[split] = FeatureDataset(split_records, features, label_index, self.task)
 
+    def _sampler(self, dataset: FeatureDataset, shuffle: bool) -> Sampler:
+        """Epoch-seeded shuffling for training; every sample exactly once for evaluation.
+
+        Lightning leaves a dataloader's own distributed sampler alone. Evaluation uses the
+        unrepeated sampler: the default one pads ranks with repeated samples, which would make a
+        2-process test differ from a 1-process test.
+        """
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if shuffle:
+            return DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.shuffle_seed
+            )
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         if len(dataset) == 0:
@@ -145,7 +165,7 @@ class EmotionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=self._sampler(dataset, shuffle),
             num_workers=self.num_workers,
             collate_fn=self.collator,
             persistent_workers=self.num_workers > 0,

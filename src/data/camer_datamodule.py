@@ -29,6 +29,7 @@ class CAMERDataModule(EmotionDataModule):
         num_workers: DataLoader workers.
         on_error: ``raise`` or ``skip`` bad samples (skips are reported).
         templates: Prompt templates per task.
+        shuffle_seed: Seed of the (epoch-seeded) training order.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class CAMERDataModule(EmotionDataModule):
         num_workers: int = 0,
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__(
             root,
@@ -59,6 +61,7 @@ class CAMERDataModule(EmotionDataModule):
             num_workers,
             on_error,
             templates,
+            shuffle_seed,
         )
         self.manifest = manifest
         self.subtitles = subtitles
