@@ -284,3 +284,25 @@ def direct_counts(settings: dict) -> list[float]:
         for batch in DataLoader(ToyData(), batch_size=2):
             model(batch)
     return reallocator.monitor.count.tolist()
+
+
+def test_config_fragment_builds_the_callback():
+    """conf/experiment/ar_callback.yaml's entry parses and instantiates through jsonargparse,
+    as LightningCLI does for trainer.callbacks."""
+    from pathlib import Path
+
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+
+    path = Path(__file__).parents[1] / "conf" / "experiment" / "ar_callback.yaml"
+    (entry,) = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=Callback)
+    config = parser.parse_object({"callback": entry})
+    callback = parser.instantiate_classes(config).callback
+    assert isinstance(callback, AttentionReallocation)
+    args = entry["init_args"]
+    assert callback.reallocator.mode == args["mode"]
+    assert callback.reallocator.target == args["target"]
+    assert callback.reallocator.query_rows == args["query_rows"]
