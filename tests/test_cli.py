@@ -51,6 +51,9 @@ def test_fit_tests_the_best_checkpoint_and_logs_everything_to_mlflow(workdir, ca
         client.download_artifacts(run.run_id, "config.yaml", str(workdir))
     ).read_text()
     assert yaml.safe_load(config_text)["model"]["init_args"]["lr"] == 0.005
+    confusion = [a.path for a in client.list_artifacts(run.run_id, "confusion")]
+    assert "confusion/confusion_test_all.png" in confusion, confusion
+    assert "metrics.test/video_aligned/acc_ci_low" in frame.columns
     # The best checkpoint evaluates to the same test metrics through the `test` command.
     best = cli.trainer.checkpoint_callback.best_model_path
     assert Path(best).is_file()

@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from src.data.streams import StreamSpec
 from src.data.tokenizer import load_tokenizer
-from src.metrics.closed_set import EmotionMetrics
+from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone
 from src.models.multimodal_llm import MultimodalEmotionLLM
@@ -78,7 +78,10 @@ class EmotionLLMModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.max_new_tokens, self.generate_text = max_new_tokens, generate
         self.val_metrics = EmotionMetrics(num_classes=len(labels), prefix="val/")
-        self.test_metrics = EmotionMetrics(num_classes=len(labels), prefix="test/")
+        # Test adds bootstrap 95% intervals for subset accuracies and the gap.
+        self.test_metrics = EmotionMetrics(
+            num_classes=len(labels), prefix="test/", bootstrap_resamples=DEFAULT_BOOTSTRAP_RESAMPLES
+        )
         # Checkpoints hold trainable weights only; the frozen backbone is rebuilt from config.
         self.strict_loading = False
 
@@ -127,6 +130,9 @@ class EmotionLLMModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
+        if self.trainer.is_global_zero:
+            for name, figure in self.test_metrics.figures(self.model.labels).items():
+                log_figure(self.trainer, figure, f"confusion/{name}")
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -219,6 +219,7 @@ class MultimodalEmotionLLM(nn.Module):
                 attention_mask=left["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                num_beams=1,  # plain greedy even if a checkpoint's generation_config says beams
                 pad_token_id=pad,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
