@@ -11,14 +11,16 @@ with ``s = alpha / r``, ``g_m`` the gate of modality ``m`` (softmax or renormali
 zero, so a fresh model computes exactly what the base model computes. Which token is which comes
 from ``modality_ids`` bound in the :class:`ModalityContext`; PAD tokens get no update.
 
-All experts of a modality run in one matmul: ``sum_e g_e B_e h = [B_1 ... B_E] (g (x) h)``, i.e. a
-single ``(tokens, E*r) @ (E*r, out)`` product. :func:`inject_mose` puts the layers into any Hugging
-Face model by module name. Equations and choices: ``docs/mose.md``.
+All experts run in one matmul: ``sum_e g_e B_e h = [B_1 ... B_E] (g (x) h)``, a single
+``(tokens, E*r) @ (E*r, out)`` product, where ``g`` is zero outside the token's own modality's
+experts (one softmax, masked per modality, serves all modalities: no gather, scatter or loop).
+:func:`inject_mose` puts the layers into any Hugging Face model by module name. Equations and
+choices: ``docs/mose.md``.
 """
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,32 +57,76 @@ class ExpertGroup:
     weight_index: int | None
 
 
-class RoutingCache:
-    """Token indices of each modality for the forward in progress, shared by all MoSE layers.
+@dataclass
+class RoutingPlan:
+    """Where each token goes, computed once per forward and shared by all MoSE layers.
 
-    Every layer of one forward sees the same bound ``modality_ids``; computing the indices once
-    saves a ``nonzero`` (a host sync on GPU) per layer and group.
+    Attributes:
+        group: ``(tokens,)`` index of each token's group in the layer's group order; the number
+            of groups for tokens no group takes (PAD; text with ``text_mode="none"``).
+        columns: ``(tokens, experts of all groups)`` True on the columns of the token's group.
+        one_hot: ``(tokens, groups)`` float one-hot of ``group`` (per-group sums by a matmul).
+        counts: Tokens per group (Python ints: read once per forward, not once per layer).
+    """
+
+    group: torch.Tensor
+    columns: torch.Tensor
+    one_hot: torch.Tensor
+    counts: list[int]
+
+
+class RoutingCache:
+    """The :class:`RoutingPlan` of the forward in progress, shared by all MoSE layers.
+
+    Every layer of one forward sees the same bound ``modality_ids``; building the plan once
+    saves its kernels and its one host sync (the token counts) in every other layer.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._ids: torch.Tensor | None = None
-        self._indices: dict[int, torch.Tensor] = {}
+        self._plan: RoutingPlan | None = None
+        self._constant_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def indices(
-        self, ids: torch.Tensor, batch: int, device: torch.device, codes: Iterable[int]
-    ) -> dict[int, torch.Tensor]:
-        """Flat indices of the tokens of each code in ``codes``, for a batch of ``batch`` rows."""
-        codes = tuple(codes)
+    def plan(
+        self,
+        ids: torch.Tensor,
+        batch: int,
+        device: torch.device,
+        codes: tuple[int, ...],
+        column_groups: tuple[int, ...],
+    ) -> RoutingPlan:
+        """Plan for ``ids`` expanded to ``batch`` rows, groups of modality ``codes`` (in order)
+        and expert columns belonging to groups ``column_groups``."""
         # Inference tensors (validation under inference_mode) carry no version counter.
         version = None if ids.is_inference() else ids._version
-        key = (version, tuple(ids.shape), batch, str(device), codes)
-        if self._ids is ids and self._key == key:
-            return self._indices
+        key = (version, tuple(ids.shape), batch, str(device), codes, column_groups)
+        if self._ids is ids and self._key == key and self._plan is not None:
+            return self._plan
         flat = _expand_batch(ids, batch).to(device).reshape(-1)
-        self._indices = {code: (flat == code).nonzero().squeeze(1) for code in codes}
+        code_table, col_group = self._constants(codes, column_groups, device)
+        matches = flat.unsqueeze(1) == code_table  # (tokens, groups)
+        group = torch.where(matches.any(1), matches.long().argmax(1), len(codes))
+        self._plan = RoutingPlan(
+            group=group,
+            columns=group.unsqueeze(1) == col_group,
+            one_hot=matches.float(),
+            counts=[int(c) for c in matches.sum(0).tolist()],
+        )
         self._ids, self._key = ids, key
-        return self._indices
+        return self._plan
+
+    def _constants(
+        self, codes: tuple[int, ...], column_groups: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Small constant tensors on ``device``, copied there once (a copy can sync)."""
+        key = (codes, column_groups, str(device))
+        if key not in self._constant_cache:
+            self._constant_cache[key] = (
+                torch.tensor(codes, device=device),
+                torch.tensor(column_groups, device=device),
+            )
+        return self._constant_cache[key]
 
 
 def _expand_batch(ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -118,8 +164,8 @@ class MoSELinear(nn.Module):
             registered as a submodule here; :func:`inject_mose` registers it once on the model.
         routing: Shared :class:`RoutingCache` (default: a private one).
         track_contribution: Record each modality's contribution attached to the graph (needed
-            by the cross-modality balance loss; costs one saved ``(tokens, out)`` tensor per
-            group). When off, the contribution is recorded detached, for logging only.
+            by the cross-modality balance loss; keeps the ``(tokens, out)`` adapter output alive
+            until backward). When off, the contribution is recorded detached, for logging only.
     """
 
     def __init__(
@@ -194,13 +240,22 @@ class MoSELinear(nn.Module):
                 if g.n_experts > 1
             }
         )
+        # Expert columns: the gated groups' experts first (their logits come from one matmul),
+        # then the single-expert groups (a constant logit). columns[name] = (start, stop).
+        order = [g for g in self.groups if g.n_experts > 1] + [
+            g for g in self.groups if g.n_experts == 1
+        ]
+        self._column_order = tuple(g.name for g in order)
+        self.columns: dict[str, tuple[int, int]] = {}
+        column_groups: list[int] = []
+        for g in order:
+            start = len(column_groups)
+            self.columns[g.name] = (start, start + g.n_experts)
+            column_groups += [self.groups.index(g)] * g.n_experts
+        self._column_groups = tuple(column_groups)
+        self._codes = tuple(int(g.modality) for g in self.groups)
+        self._n_single = sum(1 for g in self.groups if g.n_experts == 1)
 
-        # Columns of each gated group in the concatenated gate logits.
-        self._gate_columns: dict[str, tuple[int, int]] = {}
-        for g in self.groups:
-            if g.n_experts > 1:
-                start = max((stop for _, stop in self._gate_columns.values()), default=0)
-                self._gate_columns[g.name] = (start, start + g.n_experts)
         self.track_contribution = track_contribution
         self.context = context
         # Plain attributes, not submodules: shared by all layers and registered once elsewhere.
@@ -228,78 +283,72 @@ class MoSELinear(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"MoSELinear expects (batch, seq, features), got {tuple(x.shape)}")
         batch, seq, _ = x.shape
-        ids = self.context.queries(seq)
-        indices = self.__dict__["_routing"].indices(
-            ids, batch, x.device, (int(g.modality) for g in self.groups)
-        )
+        plan = self.plan(batch, seq, x.device)
         flat_x = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         h = self.dropout(flat_x) @ self.lora_A.t()  # (tokens, r), shared by every modality
-        weights = self._current_weights(h)
-        record = self.training and torch.is_grad_enabled()
-
-        logits = self._gate_logits(flat_x, h)
-        delta = h.new_zeros(flat_x.shape[0], self.out_features)
-        layer_record: LayerRecord = {}
-        for group in self.groups:
-            idx = indices[int(group.modality)]
-            h_g = h.index_select(0, idx)
-            group_logits = None
-            if group.name in self._gate_columns:
-                start, stop = self._gate_columns[group.name]
-                group_logits = logits.index_select(0, idx)[:, start:stop]
-            probs, mix = self._gate(group, group_logits, h_g.shape[0])
-            coeff = mix * self.scaling
-            if group.weight_index is not None:
-                coeff = coeff * weights[group.weight_index]
-            out_g = self._mix_experts(h_g, coeff, self.experts[group.name])
-            # Runs even for an empty group, so every parameter is in the graph of every step.
-            # index_put_ (groups are disjoint) saves only the indices for backward, where
-            # index_add_ would also keep out_g alive: one (tokens, out) tensor per layer.
-            delta.index_put_((idx,), out_g)
-            if record:
-                layer_record[group.name] = _make_record(probs, mix, out_g, self.track_contribution)
-        if record:
-            self._records.append(layer_record)
+        probs, mix, chosen = self.route(flat_x, h, plan)
+        coeff = mix * self._token_scale(plan, h)
+        delta = self._mix_experts(h, coeff, self._stacked_experts())
+        if self.training and torch.is_grad_enabled():
+            self._records.append(self._record(plan, probs, mix, chosen, delta))
             del self._records[:-MAX_RECORDS]
         return result + delta.view(batch, seq, self.out_features).to(result.dtype)
 
-    def _current_weights(self, like: torch.Tensor) -> torch.Tensor:
-        source = self.modality_weights
-        if source is None:
-            return like.new_ones(2)
-        return source.weights().to(like)
+    def plan(self, batch: int, seq: int, device: torch.device) -> RoutingPlan:
+        """The routing plan of the bound ``modality_ids`` for a ``(batch, seq)`` input."""
+        ids = self.context.queries(seq)
+        routing: RoutingCache = self.__dict__["_routing"]
+        return routing.plan(ids, batch, device, self._codes, self._column_groups)
 
-    def _gate_logits(self, flat_x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
-        """Gate logits of every token for every gated group, ``(tokens, sum of experts)``.
+    def route(
+        self, flat_x: torch.Tensor, h: torch.Tensor, plan: RoutingPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate probabilities, mixing weights and chosen experts, ``(tokens, columns)`` each.
 
-        One matmul over all tokens on the input the base layer already saved for backward,
-        rather than a gathered copy per group (cheaper in memory, one kernel).
+        Each token's softmax runs over its own group's columns only (the others are masked), so
+        one softmax serves every modality; rows of tokens no group takes are all zero. A
+        single-expert group's column has the constant logit 0, hence probability 1.
         """
-        if not self._gate_columns:
-            return None
         source = flat_x if self.gate_input == "hidden" else h
-        weight = torch.cat([self.gates[name].weight for name in self._gate_columns])
-        return source @ weight.t()
+        if self.gates:
+            weight = torch.cat(
+                [self.gates[name].weight for name in self._column_order[: len(self.gates)]]
+            )
+            logits = F.pad(source @ weight.t(), (0, self._n_single))
+        else:
+            logits = source.new_zeros(source.shape[0], self._n_single)
+        masked = logits.float().masked_fill(~plan.columns, torch.finfo(torch.float32).min)
+        columns = plan.columns.float()
+        probs = torch.softmax(masked, dim=-1) * columns
+        if self.top_k is None:
+            chosen = torch.zeros_like(probs).scatter_(1, masked.argmax(-1, keepdim=True), 1.0)
+            return probs, probs, chosen * columns
+        top = masked.topk(min(self.top_k, masked.shape[1]), dim=-1).indices
+        chosen = torch.zeros_like(probs).scatter_(1, top, 1.0) * columns
+        kept = probs * chosen
+        return probs, kept / kept.sum(-1, keepdim=True).clamp_min(1e-12), chosen
 
-    def _gate(
-        self, group: ExpertGroup, logits: torch.Tensor | None, n_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate probabilities and mixing weights ``(tokens, experts)`` from a group's logits."""
-        if logits is None:  # a single expert: a plain LoRA B, weight 1
-            ones = self.lora_A.new_ones(n_tokens, 1)
-            return ones, ones
-        probs = torch.softmax(logits.float(), dim=-1)
-        if self.top_k is None or self.top_k >= group.n_experts:
-            return probs, probs
-        top = probs.topk(self.top_k, dim=-1).indices
-        mask = torch.zeros_like(probs).scatter_(1, top, 1.0)
-        kept = probs * mask
-        return probs, kept / kept.sum(-1, keepdim=True)
+    def _token_scale(self, plan: RoutingPlan, like: torch.Tensor) -> torch.Tensor:
+        """``scaling * w_m`` of each token's modality, ``(tokens, 1)`` (0 where no group)."""
+        source = self.modality_weights
+        weights = like.new_ones(2) if source is None else source.weights().to(like)
+        per_group = [
+            weights[g.weight_index] if g.weight_index is not None else like.new_ones(())
+            for g in self.groups
+        ]
+        table = torch.stack([*per_group, like.new_zeros(())]) * self.scaling
+        return table[plan.group].unsqueeze(1)
+
+    def _stacked_experts(self) -> torch.Tensor:
+        """All experts in column order, ``(columns, out, r)``."""
+        return torch.cat([self.experts[name] for name in self._column_order])
 
     def _mix_experts(
         self, h: torch.Tensor, coeff: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
         """``sum_e coeff[:, e] * (B_e @ h)`` for all experts in one matmul.
+
+        ``sum_e c_e B_e h = [B_1 ... B_E] (c (x) h)``: a ``(tokens, E*r) @ (E*r, out)`` product.
 
         Args:
             h: ``(tokens, r)`` shared projection.
@@ -312,6 +361,33 @@ class MoSELinear(nn.Module):
 
     # --- records for the gating loss and statistics ----------------------------------------
 
+    def _record(
+        self,
+        plan: RoutingPlan,
+        probs: torch.Tensor,
+        mix: torch.Tensor,
+        chosen: torch.Tensor,
+        delta: torch.Tensor,
+    ) -> LayerRecord:
+        importance = probs.sum(0)  # other groups' tokens are zero in a group's columns
+        usage = mix.detach().sum(0)
+        dispatch = chosen.sum(0)
+        # Attached to the graph, the contribution keeps delta alive until backward: on demand.
+        source = delta if self.track_contribution else delta.detach()
+        per_group = source.float().pow(2).sum(-1) @ plan.one_hot  # (groups,) sums of ||delta||^2
+        record: LayerRecord = {}
+        for index, g in enumerate(self.groups):
+            start, stop = self.columns[g.name]
+            count = plan.counts[index]
+            record[g.name] = GateRecord(
+                importance=importance[start:stop],
+                usage=usage[start:stop],
+                dispatch=dispatch[start:stop],
+                count=count,
+                contribution=per_group[index] / max(count, 1),
+            )
+        return record
+
     def pop_records(self) -> list[LayerRecord]:
         """Records of the training forwards since the last call (and forget them)."""
         records, self._records = self._records, []
@@ -320,26 +396,6 @@ class MoSELinear(nn.Module):
     def clear_records(self) -> None:
         """Drop recorded forwards (their graphs are then freed after backward)."""
         self._records = []
-
-
-def _make_record(
-    probs: torch.Tensor, mix: torch.Tensor, out_g: torch.Tensor, track_contribution: bool
-) -> GateRecord:
-    count, n_experts = int(probs.shape[0]), probs.shape[1]
-    if mix is probs and n_experts > 1:  # dense gate: count each token for its arg-max expert
-        chosen = F.one_hot(probs.detach().argmax(-1), n_experts).bool()
-    else:
-        chosen = mix.detach() > 0
-    # Attached to the graph, the contribution keeps out_g alive until backward: only on demand.
-    sq_norm = (out_g if track_contribution else out_g.detach()).float().pow(2).sum(-1)
-    contribution = sq_norm.mean() if count > 0 else sq_norm.sum()
-    return GateRecord(
-        probs=probs,
-        usage=mix.detach().sum(0),
-        dispatch=chosen.sum(0),
-        count=count,
-        contribution=contribution,
-    )
 
 
 # --- injection and checkpoints -----------------------------------------------------------------

@@ -27,17 +27,18 @@ class GateRecord:
     """What one MoSE layer saw of one modality group in one forward.
 
     Attributes:
-        probs: ``(tokens, experts)`` gate softmax probabilities, attached to the graph.
+        importance: ``(experts,)`` sum over the group's tokens of the gate softmax
+            probabilities, attached to the graph.
         usage: ``(experts,)`` sum over tokens of the mixing weights actually applied (top-k
             renormalised in top-k mode), detached.
         dispatch: ``(experts,)`` number of tokens that selected each expert (top-k, or the
             arg-max in dense mode), detached.
         count: Number of tokens of the group.
-        contribution: Mean over tokens of ``||delta||^2`` of the group's adapter output, attached
-            to the graph (a zero that still touches the graph when ``count == 0``).
+        contribution: Mean over the group's tokens of ``||delta||^2`` of the adapter output,
+            attached to the graph when the layer tracks it (an exact zero when ``count == 0``).
     """
 
-    probs: torch.Tensor
+    importance: torch.Tensor
     usage: torch.Tensor
     dispatch: torch.Tensor
     count: int
@@ -61,16 +62,23 @@ class GateLossOutput:
 
 
 def cv_squared(importance: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation ``Var(I) / Mean(I)^2`` (population variance)."""
+    """Squared coefficient of variation ``Var(I) / Mean(I)^2`` over the last dimension."""
     importance = importance.float()
-    return importance.var(unbiased=False) / (importance.mean() ** 2 + eps)
+    return importance.var(-1, unbiased=False) / (importance.mean(-1) ** 2 + eps)
 
 
-def switch_balance(probs: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer loss ``E * sum_e f_e P_e`` (1 when perfectly balanced)."""
-    n_experts = probs.shape[1]
-    fraction = dispatch.to(probs.dtype) / dispatch.sum().clamp_min(1)
-    return n_experts * (fraction * probs.float().mean(0)).sum()
+def switch_balance(importance: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer loss ``E * sum_e f_e P_e`` over the last dimension (1 if balanced).
+
+    ``P_e = importance_e / count`` is the mean gate probability (gate rows sum to one, so the
+    token count is ``sum_e importance_e``) and ``f_e`` the fraction of dispatched (token,
+    expert) pairs that went to expert ``e``.
+    """
+    n_experts = importance.shape[-1]
+    importance = importance.float()
+    mean_prob = importance / importance.detach().sum(-1, keepdim=True).clamp_min(1e-12)
+    fraction = dispatch.float() / dispatch.float().sum(-1, keepdim=True).clamp_min(1)
+    return n_experts * (fraction * mean_prob).sum(-1)
 
 
 class MoSEGateLoss:
@@ -103,47 +111,51 @@ class MoSEGateLoss:
         self.modality_balance_weight = modality_balance_weight
         self.eps = eps
 
-    def group_balance(self, record: GateRecord) -> torch.Tensor | None:
-        """Balancing term of one group, or ``None`` when it has no tokens or a single expert."""
-        if record.count == 0 or record.probs.shape[1] < 2:
-            return None
-        if self.balance == "cv2":
-            return cv_squared(record.probs.sum(0))
-        return switch_balance(record.probs, record.dispatch)
+    def balance_terms(self, records: list[GateRecord]) -> torch.Tensor | None:
+        """Balancing term of each record of one group with tokens, or ``None`` if none count.
 
-    def modality_balance(self, record: LayerRecord) -> torch.Tensor | None:
-        """Cross-modality term of one layer forward, or ``None`` unless both modalities occur."""
-        audio, visual = record.get(_AUDIO), record.get(_VISUAL)
-        if audio is None or visual is None or audio.count == 0 or visual.count == 0:
+        Records without tokens, and single-expert groups, have nothing to balance.
+        """
+        present = [r for r in records if r.count > 0 and r.importance.shape[-1] > 1]
+        if not present:
             return None
-        c_a, c_v = audio.contribution.float(), visual.contribution.float()
+        importance = torch.stack([r.importance for r in present])
+        if self.balance == "cv2":
+            return cv_squared(importance)
+        dispatch = torch.stack([r.dispatch for r in present])
+        return switch_balance(importance, dispatch)
+
+    def modality_terms(self, records: list[LayerRecord]) -> torch.Tensor | None:
+        """``((c_a - c_v) / (c_a + c_v))^2`` of each layer forward where both modalities occur."""
+        pairs = [
+            (r[_AUDIO].contribution, r[_VISUAL].contribution)
+            for r in records
+            if _AUDIO in r and _VISUAL in r and r[_AUDIO].count > 0 and r[_VISUAL].count > 0
+        ]
+        if not pairs:
+            return None
+        c_a = torch.stack([a for a, _ in pairs]).float()
+        c_v = torch.stack([v for _, v in pairs]).float()
         return ((c_a - c_v) / (c_a + c_v + self.eps)) ** 2
 
     def __call__(self, records: list[LayerRecord]) -> GateLossOutput:
         """Loss over ``records`` (one entry per layer and forward).
 
-        Terms that have nothing to measure (absent modality, single expert) contribute an exact
-        zero that is still attached to every recorded tensor, so the backward pass reaches the
-        same parameters whatever the batch holds (DDP needs that).
+        Each term is the mean over what it can measure (absent modalities and single experts
+        are skipped). The loss also carries an exact zero attached to every recorded tensor, so
+        it is a graph tensor whatever the batch holds.
         """
-        if not records:
+        groups: dict[str, list[GateRecord]] = {}
+        for record in records:
+            for name, r in record.items():
+                groups.setdefault(name, []).append(r)
+        if not groups:
             raise ValueError("MoSEGateLoss: no gate records (was there a training forward?)")
-        tensors = [
-            t for record in records for r in record.values() for t in (r.probs, r.contribution)
-        ]
-        if not tensors:
-            raise ValueError("MoSEGateLoss: the gate records hold no modality group")
-        anchor = torch.stack([t.float().sum() for t in tensors]).sum() * 0.0
-        balance_terms = [
-            term
-            for record in records
-            for r in record.values()
-            if (term := self.group_balance(r)) is not None
-        ]
-        modality_terms = [
-            term for record in records if (term := self.modality_balance(record)) is not None
-        ]
-        balance = torch.stack(balance_terms).mean() if balance_terms else anchor.new_zeros(())
-        modality = torch.stack(modality_terms).mean() if modality_terms else anchor.new_zeros(())
+        every = [t for rs in groups.values() for r in rs for t in (r.importance, r.contribution)]
+        anchor = torch.cat([t.float().reshape(-1) for t in every]).sum() * 0.0
+        balance_terms = [t for rs in groups.values() if (t := self.balance_terms(rs)) is not None]
+        modality_terms = self.modality_terms(records)
+        balance = torch.cat(balance_terms).mean() if balance_terms else anchor.new_zeros(())
+        modality = modality_terms.mean() if modality_terms is not None else anchor.new_zeros(())
         loss = self.balance_weight * balance + self.modality_balance_weight * modality + anchor
         return GateLossOutput(loss=loss, balance=balance.detach(), modality=modality.detach())

@@ -26,7 +26,7 @@ from src.models.mose import (
     mose_layers,
     mose_state_dict,
 )
-from src.models.mose_regularizer import LayerRecord, MoSEGateLoss
+from src.models.mose_regularizer import GateRecord, LayerRecord, MoSEGateLoss
 
 if TYPE_CHECKING:  # pragma: no cover
     from src.models.multimodal_llm import MultimodalEmotionLLM
@@ -204,63 +204,72 @@ class MoSEAdapter(Adapter):
         table = {}
         for group, sums in self._usage.items():
             counts = torch.tensor(self._usage_count[group]).clamp_min(1.0).unsqueeze(1)
-            table[group] = torch.stack([s.float().cpu() for s in sums]) / counts
+            table[group] = sums.float().cpu() / counts
         return table
 
     def _consume(self) -> None:
-        """Turn the layers' records into the pending gating loss, metrics and usage."""
+        """Turn the layers' records into the pending gating loss, metrics and usage.
+
+        Vectorised over layers, with a single device-to-host copy for all the metrics.
+        """
         per_layer = [layer.pop_records() for layer in self.mose_layers]
         records = [r for layer_records in per_layer for r in layer_records]
         if not records:
             return
         out = self.gate_loss(records)
         self._pending_loss = out.loss
-        stats = _layer_statistics(per_layer)
         self._accumulate_usage(per_layer)
-        names = ["gate_loss", "gate_loss/balance", "gate_loss/modality"]
-        values = [out.loss.detach().float(), out.balance.float(), out.modality.float()]
-        for key, value in stats.items():
-            names.append(key)
-            values.append(value)
-        floats = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist()
-        self._metrics = dict(zip(names, floats, strict=True))
+        metrics = {
+            "gate_loss": out.loss.detach().float(),
+            "gate_loss/balance": out.balance.float(),
+            "gate_loss/modality": out.modality.float(),
+            **_layer_statistics(records),
+        }
+        device = metrics["gate_loss"].device
+        floats = torch.stack([v.to(device) for v in metrics.values()]).cpu().tolist()
+        self._metrics = dict(zip(metrics, floats, strict=True))
 
     def _accumulate_usage(self, per_layer: list[list[LayerRecord]]) -> None:
+        pairs: dict[str, list[tuple[int, GateRecord]]] = {}
         for index, layer_records in enumerate(per_layer):
             for record in layer_records:
                 for group, r in record.items():
-                    if r.probs.shape[1] < 2:
-                        continue
-                    sums = self._usage.setdefault(group, [])
-                    counts = self._usage_count.setdefault(group, [])
-                    while len(sums) <= index:
-                        sums.append(torch.zeros_like(r.usage, dtype=torch.float32))
-                        counts.append(0.0)
-                    sums[index] = sums[index] + r.usage.float()
-                    counts[index] += r.count
+                    if r.usage.shape[-1] > 1:
+                        pairs.setdefault(group, []).append((index, r))
+        n_layers = len(per_layer)
+        for group, items in pairs.items():
+            rows = torch.stack([r.usage.float() for _, r in items])
+            sums = self._usage.get(group)
+            if sums is None:
+                sums = rows.new_zeros(n_layers, rows.shape[1])
+                self._usage_count[group] = [0.0] * n_layers
+            layer_index = [i for i, _ in items]
+            if layer_index == list(range(n_layers)):  # one forward per layer: no index tensor
+                sums = sums + rows
+            else:
+                sums = sums.index_add(0, torch.tensor(layer_index, device=rows.device), rows)
+            self._usage[group] = sums
+            for i, r in items:
+                self._usage_count[group][i] += r.count
 
 
-def _layer_statistics(per_layer: list[list[LayerRecord]]) -> dict[str, torch.Tensor]:
+def _layer_statistics(records: list[LayerRecord]) -> dict[str, torch.Tensor]:
     """Mean over layers of each modality's expert usage entropy (nats) and contribution.
 
     A modality without tokens in this step has no entry (rather than a made-up value).
     """
-    entropies: dict[str, list[torch.Tensor]] = {}
-    contributions: dict[str, list[torch.Tensor]] = {}
-    for layer_records in per_layer:
-        for record in layer_records:
-            for group in _LOGGED_MODALITIES:
-                r = record.get(group)
-                if r is None or r.count == 0:
-                    continue
-                p = r.usage.float() / r.count
-                entropies.setdefault(group, []).append(-(p * p.clamp_min(1e-12).log()).sum())
-                contributions.setdefault(group, []).append(r.contribution.detach().float())
     stats = {}
-    for group, values in entropies.items():
-        stats[f"expert_entropy/{group}"] = torch.stack(values).mean()
-    for group, values in contributions.items():
-        stats[f"contribution/{group}"] = torch.stack(values).mean()
+    for group in _LOGGED_MODALITIES:
+        present = [r[group] for r in records if group in r and r[group].count > 0]
+        if not present:
+            continue
+        usage = torch.stack([r.usage.float() for r in present])
+        # Mixing weights sum to one per token, so a row's sum is its token count.
+        p = usage / usage.sum(-1, keepdim=True)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        stats[f"expert_entropy/{group}"] = entropy.mean()
+        contribution = torch.stack([r.contribution.detach().float() for r in present])
+        stats[f"contribution/{group}"] = contribution.mean()
     return stats
 
 
