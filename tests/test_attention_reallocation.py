@@ -18,9 +18,10 @@ from src.models.attention import (
     unique_name,
 )
 from src.models.attention.spans import (
-    per_key_bias,
-    span_log_masses,
-    span_mass_log_factors,
+    key_one_hot,
+    keys_bias,
+    span_mass_factors,
+    span_masses,
 )
 from src.models.modality_context import ModalityContext
 
@@ -347,9 +348,9 @@ def _random_case(seed: int = 0):
 def test_span_mass_bias_is_exact_post_softmax_reallocation(strength, share):
     logits, key_ids = _random_case()
     probs = torch.softmax(logits, dim=-1)
-    log_masses = span_log_masses(logits, key_ids)
-    factors = span_mass_log_factors(log_masses, share, strength)
-    moved = torch.softmax(logits + per_key_bias(factors, key_ids), dim=-1)
+    one_hot = key_one_hot(key_ids)
+    factors = span_mass_factors(span_masses(probs, one_hot), share, strength)
+    moved = torch.softmax(logits + keys_bias(factors, one_hot), dim=-1)
     torch.testing.assert_close(moved.sum(-1), torch.ones(2, 3, 5))  # rows sum to one
     is_a, is_v = (key_ids == A)[:, None, None], (key_ids == V)[:, None, None]
     audio, visual = (probs * is_a).sum(-1), (probs * is_v).sum(-1)
@@ -367,15 +368,21 @@ def test_span_mass_bias_is_exact_post_softmax_reallocation(strength, share):
         torch.testing.assert_close(got[valid[..., 0]], torch.full_like(got[valid[..., 0]], share))
 
 
-def test_span_log_masses_match_softmax_sums():
+def test_span_masses_and_target_extremes():
     logits, key_ids = _random_case(1)
     probs = torch.softmax(logits, dim=-1)
-    masses = span_log_masses(logits, key_ids).exp()
+    one_hot = key_one_hot(key_ids)
+    masses = span_masses(probs, one_hot)
     for i, m in enumerate((A, V, T)):
         expected = (probs * (key_ids == m)[:, None, None]).sum(-1)
         torch.testing.assert_close(masses[..., i], expected, atol=1e-6, rtol=0)
-    fully_masked = torch.full((1, 1, 1, 3), -math.inf)
-    assert torch.isneginf(span_log_masses(fully_masked, torch.tensor([[A, V, T]]))).all()
+    # A target share of 0 empties the audio span exactly and keeps the rows finite.
+    moved = torch.softmax(logits + keys_bias(span_mass_factors(masses, 0.0, 1.0), one_hot), -1)
+    assert torch.isfinite(moved[0]).all()
+    assert (moved[0] * (key_ids[0] == A)).sum() == 0
+    # Fully masked rows (NaN probabilities) are left alone rather than poisoning the bias.
+    nan_masses = torch.full((1, 1, 1, 3), float("nan"))
+    assert (span_mass_factors(nan_masses, 0.5, 1.0) == 1).all()
 
 
 def test_share_monitor_sums_selected_entries():

@@ -7,8 +7,9 @@ query rows) and the attention function registered with transformers' ``Attention
 - ``reweight``: post-softmax weights of each modality's keys times a fixed multiplier, then
   renormalised; done as an additive ``log w`` bias in SDPA.
 - ``span_mass``: per query row and head, the mass on the audio and on the visual span is measured
-  from the logits (logsumexp per span) and moved toward a target audio share of their sum; the
-  exact per-row log factors go to SDPA as a bias, so the result equals post-softmax reallocation.
+  from a softmax of the selected rows' logits and moved toward a target audio share of their
+  sum; the exact per-row log factors go to SDPA as a bias, so the result equals post-softmax
+  reallocation.
 - ``logit_scale``: PAI's intervention ``s' = s + alpha |s|`` on one modality's logits, on an
   explicit eager path (the peer baseline).
 
@@ -25,14 +26,13 @@ from src.data.modality import Modality
 from src.models.attention.share_monitor import ShareMonitor
 from src.models.attention.spans import (
     MONITORED,
-    key_groups,
+    key_one_hot,
+    keys_bias,
     pai_logits,
-    per_key_bias,
-    reweight_log_factors,
-    reweighted_log_masses,
-    span_log_masses,
-    span_mass_log_factors,
-    span_mass_log_masses,
+    reweighted_masses,
+    span_mass_factors,
+    span_mass_masses,
+    span_masses,
 )
 from src.models.modality_context import ModalityContext
 
@@ -124,7 +124,8 @@ class Reallocator:
         self._layer_set: frozenset[int] = frozenset()
         self._adapter_share: float | None = None
         self._plan: _Plan | None = None
-        self._log_factors = reweight_log_factors(self.multipliers, torch.device("cpu"))
+        # Multipliers in MONITORED order; modalities not given keep 1.
+        self._weights = torch.tensor([self.multipliers.get(m, 1.0) for m in MONITORED])
 
     # ----------------------------------------------------------------- binding
 
@@ -213,33 +214,31 @@ class Reallocator:
         if plan.index is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
 
-        log_masses = None
+        masses = None
         if self.monitor is not None or self.mode == "span_mass":
             groups = getattr(module, "num_key_value_groups", 1)
-            logits = _logits(query[:, :, plan.index], key, scale, groups)
-            logits = logits + plan.additive if plan.additive is not None else logits
-            logits = logits.masked_fill(~plan.visible, float("-inf"))
-            # The text mass is only needed by the monitor.
-            n = len(MONITORED) if self.monitor is not None else 2
-            log_masses = span_log_masses(logits, plan.key_ids, n)
+            rows_q = query if plan.full else query[:, :, plan.index]
+            logits = _logits(rows_q, key, scale, groups) + plan.logit_mask()
+            masses = span_masses(torch.softmax(logits, dim=-1), plan.one_hot())
 
         sub_mask, after = None, None
         if self.mode == "reweight":
             if acts:
-                sub_mask = plan.reweight_mask(self._log_factors, query.dtype)
-            if log_masses is not None:
-                after = reweighted_log_masses(log_masses, self._log_factors.to(query.device))
+                sub_mask = plan.reweight_mask(self._weights, query.dtype)
+            if masses is not None:
+                after = reweighted_masses(masses, self._weights.to(masses.device))
         else:
-            factors = span_mass_log_factors(log_masses, self._target_share(plan), self.strength)
-            factors = torch.where(plan.selected[..., None], factors, 0.0)
+            factors = span_mass_factors(masses, self._target_share(plan), self.strength)
+            factors = torch.where(plan.selected[..., None], factors, 1.0)
             if acts:
-                sub_mask = plan.merge(per_key_bias(factors, plan.key_ids), query.dtype)
+                sub_mask = plan.sdpa_mask(query.dtype) + keys_bias(factors, plan.one_hot()).to(
+                    query.dtype
+                )
             if self.monitor is not None:
-                after = span_mass_log_masses(log_masses, factors)
+                after = span_mass_masses(masses, factors)
 
         if self.monitor is not None:
-            after = after if acts else log_masses
-            self.monitor.update(layer, log_masses.exp(), after.exp(), plan.selected)
+            self.monitor.update(layer, masses, after if acts else masses, plan.selected)
         if sub_mask is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
 
@@ -247,10 +246,15 @@ class Reallocator:
         # others keep the plain SDPA call and its fast kernel.
         dropped = ("is_causal", "position_bias")
         sub_kwargs = {k: v for k, v in plain_kwargs.items() if k not in dropped}
+        rows_q = query if plan.full else query[:, :, plan.index]
         out_rows, _ = sdpa_attention_forward(
-            module, query[:, :, plan.index], key, value, sub_mask, is_causal=False, **sub_kwargs
+            module, rows_q, key, value, sub_mask, is_causal=False, **sub_kwargs
         )
         if plan.full:
+            # Unselected rows got a zero bias; fully masked (padding) rows get SDPA's zeros
+            # rather than the uniform average a float mask of -max gives.
+            if plan.dead_rows is not None:
+                out_rows = out_rows.masked_fill(plan.dead_rows, 0.0)
             return out_rows, None
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
         # Per sample, only its own selected rows take the biased result (the union of rows may
@@ -354,7 +358,7 @@ class Reallocator:
             scaled = pai_logits(logits, target & selected[..., None], self.alpha)
         weights = nn.functional.softmax(scaled, dim=-1, dtype=torch.float32)
         if self.monitor is not None:
-            one_hot = key_groups(key_ids).to(torch.float32).squeeze(2)  # (B, 1, K, 3)
+            one_hot = key_one_hot(key_ids)  # (B, 1, K, 3)
             before = nn.functional.softmax(logits, dim=-1, dtype=torch.float32) @ one_hot
             self.monitor.update(layer, before, weights @ one_hot, selected)
         weights = weights.to(query.dtype)
@@ -384,7 +388,6 @@ class _Plan:
         all_heads: bool,
     ) -> None:
         self.key_ids = key_ids
-        self.all_heads = all_heads
         self.attention_mask = attention_mask
         self.q_len = q_len
         self.k_len = key_ids.shape[1]
@@ -399,35 +402,52 @@ class _Plan:
             attention_mask, index, batch, q_len, self.k_len, key_ids.device
         )
         self.selected = rows[:, None, index] & head_mask[None, :, None]  # (B, H, U)
+        # With every head selected, one mask row serves all heads.
+        self.selected_rows = self.selected[:, :1] if all_heads else self.selected
         self.own_rows = rows[:, index, None, None]  # (B, U, 1, 1), output layout
-        self._share: torch.Tensor | None = None
-        self._reweight: torch.Tensor | None = None
+        dead = ~self.visible.any(-1)  # (B, 1, U)
+        self.dead_rows = dead.transpose(1, 2)[..., None] if bool(dead.any()) else None
+        self._cache: dict[str, Any] = {}
 
-    def merge(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The float SDPA mask of the selected rows: the mask plus ``bias``."""
-        bias = bias.to(dtype)
-        if self.additive is not None:
-            return self.additive.to(dtype) + bias
-        return torch.where(self.visible, bias, torch.finfo(dtype).min)
+    def one_hot(self) -> torch.Tensor:
+        """Key membership ``(B, 1, K, 3)`` in audio, visual, text (float32)."""
+        if "one_hot" not in self._cache:
+            self._cache["one_hot"] = key_one_hot(self.key_ids)
+        return self._cache["one_hot"]
 
-    def reweight_mask(self, log_factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``reweight``'s mask, the same for every layer of the forward."""
-        if self._reweight is None:
-            factors = log_factors.to(self.key_ids.device).expand(self.key_ids.shape[0], 1, 1, -1)
-            bias = per_key_bias(factors, self.key_ids)  # (B, 1, 1, K)
-            # With every head selected one mask row serves all heads.
-            selected = self.selected[:, :1] if self.all_heads else self.selected
-            self._reweight = self.merge(torch.where(selected[..., None], bias, 0.0), dtype)
-        return self._reweight
+    def logit_mask(self) -> torch.Tensor:
+        """Float32 ``(B, 1, U, K)``: the additive mask, ``-inf`` where not visible."""
+        if "logit_mask" not in self._cache:
+            base = self.additive.float() if self.additive is not None else 0.0
+            self._cache["logit_mask"] = torch.where(self.visible, base, float("-inf"))
+        return self._cache["logit_mask"]
+
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float SDPA mask of the selected rows in ``dtype`` (``-max`` where not visible,
+        as transformers builds float masks), to which a bias is added."""
+        key = f"sdpa_mask_{dtype}"
+        if key not in self._cache:
+            base = self.additive.to(dtype) if self.additive is not None else 0.0
+            self._cache[key] = torch.where(self.visible, base, torch.finfo(dtype).min)
+        return self._cache[key]
+
+    def reweight_mask(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``reweight``'s float mask (mask + ``log w`` of each key), the same for every layer."""
+        key = f"reweight_{dtype}"
+        if key not in self._cache:
+            factors = weights.to(self.key_ids.device).expand(*self.selected_rows.shape, -1)
+            factors = torch.where(self.selected_rows[..., None], factors, 1.0)
+            bias = keys_bias(factors, self.one_hot()).to(dtype)
+            self._cache[key] = self.sdpa_mask(dtype) + bias
+        return self._cache[key]
 
     def proportional_share(self) -> torch.Tensor:
         """Visible audio keys / visible audio+visual keys per row, ``(B, 1, U)``."""
-        if self._share is None:
-            groups = key_groups(self.key_ids)[..., :2] & self.visible[..., None]
-            counts = groups.sum(dim=-2).to(torch.float32)
+        if "share" not in self._cache:
+            counts = torch.matmul(self.visible.float(), self.one_hot()[..., :2])  # (B, 1, U, 2)
             # Rows without both spans are left alone later; avoid 0/0 here.
-            self._share = counts[..., 0] / counts.sum(-1).clamp_min(1.0)
-        return self._share
+            self._cache["share"] = counts[..., 0] / counts.sum(-1).clamp_min(1.0)
+        return self._cache["share"]
 
 
 def _share_from_weights(weights: dict[str, float] | None) -> float:
@@ -447,13 +467,17 @@ def _share_from_weights(weights: dict[str, float] | None) -> float:
 
 
 def _logits(query: torch.Tensor, key: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
-    """``q k^T * scale`` in float32 for grouped-query attention without repeating the keys."""
+    """``q k^T * scale`` as float32 for grouped-query attention without repeating the keys.
+
+    Half-precision inputs are multiplied in their dtype (float32 accumulation, as SDPA does)
+    rather than copying the whole key cache to float32 at every layer.
+    """
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if kv_heads * groups != heads:
         raise ValueError(f"{heads} query heads do not match {kv_heads} key heads x {groups} groups")
-    q = query.float().reshape(batch, kv_heads, groups * q_len, dim)
-    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale
+    q = query.reshape(batch, kv_heads, groups * q_len, dim)
+    logits = torch.matmul(q, key.transpose(-1, -2)).float() * scale
     return logits.reshape(batch, heads, q_len, key.shape[2])
 
 
