@@ -1,22 +1,30 @@
 """Shared machinery of every data module: tokenizer, prompts, feature checks, loaders."""
 
 import csv
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from src.data.collate import EmotionCollator
-from src.data.dataset import FeatureDataset
+from src.data.dataset import FeatureDataset, MediaDataset, task_target
 from src.data.feature_store import FeatureFileError, FeatureStore
+from src.data.formats._common import FormatError
 from src.data.label_space import LabelSpace, get_label_space
+from src.data.media import MediaDecodeError
+from src.data.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.prompt import PromptBuilder
-from src.data.records import SampleRecord
+from src.data.records import SPLITS, SampleRecord
+from src.data.skip_report import SkipReport
 from src.data.streams import EMOTION_LLAMA_STREAMS, StreamSpec
 from src.data.tokenizer import load_tokenizer
+
+TASKS: tuple[str, ...] = ("emotion", "reason")
 
 
 def read_subtitles(path: str | Path, column: str = "english") -> dict[str, str]:
@@ -50,6 +58,16 @@ class EmotionDataModule(L.LightningDataModule):
         templates: Prompt templates per task (default: Emotion-LLaMA style).
         shuffle_seed: Seed of the training order; epoch ``e`` uses ``shuffle_seed + e`` whatever
             happened before, so a run resumed from a checkpoint sees the same batches.
+        source: ``features`` reads the feature store (``<root>/<feature_dir>/<name>.npy``);
+            ``media`` decodes the clips and the model's online encoders compute the features.
+        media: Where the clips are and how they are decoded (``source: media`` and ``extract``).
+        media_check: What :meth:`setup` checks of every clip with ``source: media``: ``probe``
+            (headers: missing/empty file, broken container, missing stream), ``decode`` (decode
+            every clip once: also truncated streams and zero-length audio) or ``none``.
+        tasks: Task mixing for training, e.g. ``{emotion: 1.0, reason: 1.0}``: each training
+            sample appears ``weight`` times per epoch under each task it has a target for (the
+            fractional part is a seeded, fixed subset), each entry with its own prompt and
+            target. ``None``: every sample once, under ``task``. Evaluation always uses ``task``.
     """
 
     def __init__(
@@ -65,6 +83,10 @@ class EmotionDataModule(L.LightningDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
         shuffle_seed: int = 0,
+        source: Literal["features", "media"] = "features",
+        media: MediaSpec | None = None,
+        media_check: Literal["none", "probe", "decode"] = "probe",
+        tasks: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -78,7 +100,15 @@ class EmotionDataModule(L.LightningDataModule):
         self.on_error = on_error
         self.templates = templates
         self.shuffle_seed = shuffle_seed
-        self.skipped: list[dict[str, str]] = []
+        self.source = source
+        self.media = media or MediaSpec()
+        self.media_check = media_check
+        self.tasks = dict(tasks) if tasks else None
+        for name, weight in (self.tasks or {}).items():
+            if name not in TASKS or not (weight >= 0 and math.isfinite(weight)):
+                raise ValueError(f"tasks: {name!r}: {weight} (tasks are {TASKS}, weights >= 0)")
+        #: Every sample dropped under ``on_error: skip`` (parsers, features, media, checks).
+        self.skip_report = SkipReport()
         self.datasets: dict[str, FeatureDataset] = {}
         self._collator: EmotionCollator | None = None
 
@@ -93,9 +123,34 @@ class EmotionDataModule(L.LightningDataModule):
         """Label words in class order."""
         return list(self.label_space.labels)
 
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """The skipped samples as rows (``file, line, name, field, reason``), for MLflow."""
+        return self.skip_report.to_rows()
+
+    @property
+    def parse_options(self) -> dict[str, Any]:
+        """``on_error`` and ``report`` for the annotation parsers of :meth:`load_records`."""
+        return {"on_error": self.on_error, "report": self.skip_report}
+
     def load_records(self) -> list[SampleRecord]:
-        """All annotated samples of the data set (every split)."""
+        """All annotated samples of the data set (every split).
+
+        Subclasses call the parsers with :attr:`parse_options`, so that ``on_error: skip``
+        collects parse-level skips in :attr:`skip_report`.
+        """
         raise NotImplementedError
+
+    def media_loader(self) -> MediaLoader:
+        """Decodes this data set's clips for its streams (online encoders, ``extract``)."""
+        video, audio = media_needs(self.streams)
+        return MediaLoader(self.root, self.media, video=video, audio=audio)
+
+    def _reject(self, err: Exception, file: str | Path, field: str, reason: str, name: str) -> None:
+        """Raise ``err`` (``on_error: raise``) or list the sample in the skip report."""
+        if self.on_error == "raise":
+            raise err
+        self.skip_report.add(file, field, reason, name)
 
     @property
     def collator(self) -> EmotionCollator:
@@ -113,33 +168,102 @@ class EmotionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        store = FeatureStore(self.root, self.streams)
-        features: dict[str, dict[str, Any]] = {}
+        records = self._check_records(self.load_records())
+        label_index = {w: i for i, w in enumerate(self.label_names)}
+        loader = self.media_loader() if self.source == "media" else None
+        if loader is None:
+            records, features = self._load_features(records)
+        else:
+            records = self._check_media(records, loader)
+        if len(self.skip_report):
+            rank_zero_warn(
+                f"{self.__class__.__name__}: skipped {len(self.skip_report)} sample(s) "
+                f"(on_error=skip; logged as skipped_samples.csv):\n{self.skip_report.summary()}"
+            )
+        for split in SPLITS:
+            split_records = [r for r in records if r.split == split]
+            if split == "train" and self.tasks:
+                split_records, tasks = self._mix_tasks(split_records)
+            else:
+                tasks = [self.task] * len(split_records)
+            if loader is None:
+                dataset = FeatureDataset(split_records, features, label_index, self.task, tasks)
+            else:
+                dataset = MediaDataset(split_records, loader, label_index, self.task, tasks)
+            self.datasets[split] = dataset
+
+    def _check_records(self, records: list[SampleRecord]) -> list[SampleRecord]:
+        """Names unique across all annotation files, labels in the label space, a target for
+        every training sample of the task."""
+        where = f"{self.__class__.__name__} at {self.root}"
+        train_tasks = list(self.tasks) if self.tasks else [self.task]
+        seen: dict[str, str] = {}
         kept: list[SampleRecord] = []
-        for record in self.load_records():
+        for r in records:
+            problem: tuple[str, str] | None = None
+            if r.name in seen:
+                problem = ("name", f"duplicate name (in the {seen[r.name]} and {r.split} splits)")
+            elif r.split not in SPLITS:
+                problem = ("split", f"{r.split!r} is not one of {SPLITS}")
+            elif r.label is not None and r.label not in self.label_names:
+                problem = ("label", f"{r.label!r} is not in the labels {self.label_names}")
+            elif r.split == "train" and not any(task_target(r, t) for t in train_tasks):
+                problem = (
+                    "label" if train_tasks == ["emotion"] else "reason",
+                    f"a train sample needs a target for the task(s) {train_tasks}",
+                )
+            if problem is not None:
+                field, reason = problem
+                err = FormatError(where, field, reason, name=r.name)
+                self._reject(err, where, field, reason, r.name)
+                continue
+            seen[r.name] = r.split
+            kept.append(r)
+        return kept
+
+    def _load_features(
+        self, records: list[SampleRecord]
+    ) -> tuple[list[SampleRecord], dict[str, dict[str, np.ndarray]]]:
+        store = FeatureStore(self.root, self.streams)
+        features: dict[str, dict[str, np.ndarray]] = {}
+        kept: list[SampleRecord] = []
+        for record in records:
             try:
                 features[record.name] = store.load(record.name)
             except FeatureFileError as err:
-                if self.on_error == "raise":
-                    raise
-                self.skipped.append(
-                    {
-                        "name": record.name,
-                        "file": str(err.path),
-                        "field": err.field,
-                        "reason": err.reason,
-                    }
-                )
+                self._reject(err, err.path, err.field, err.reason, record.name)
                 continue
             kept.append(record)
-        if self.skipped:
-            rank_zero_warn(
-                f"skipped {len(self.skipped)} sample(s) with bad features (on_error=skip)"
-            )
-        label_index = {w: i for i, w in enumerate(self.label_names)}
-        for split in ("train", "val", "test"):
-            split_records = [r for r in kept if r.split == split]
-            self.datasets[split] = FeatureDataset(split_records, features, label_index, self.task)
+        return kept, features
+
+    def _check_media(self, records: list[SampleRecord], loader: MediaLoader) -> list[SampleRecord]:
+        kept: list[SampleRecord] = []
+        for record in records:
+            try:
+                loader.check(record.name, self.media_check)
+            except MediaDecodeError as err:
+                self._reject(err, err.path, err.field, err.reason, record.name)
+                continue
+            kept.append(record)
+        return kept
+
+    def _mix_tasks(self, records: list[SampleRecord]) -> tuple[list[SampleRecord], list[str]]:
+        """Training entries under task mixing (see ``tasks``); fixed for a given seed."""
+        assert self.tasks is not None
+        rng = np.random.default_rng(self.shuffle_seed)
+        entries: list[tuple[SampleRecord, str]] = []
+        for task, weight in self.tasks.items():
+            eligible = [r for r in records if task_target(r, task)]
+            if len(eligible) < len(records):
+                rank_zero_warn(
+                    f"task mixing: {len(records) - len(eligible)} training sample(s) have no "
+                    f"{task!r} target and train on the other task(s) only"
+                )
+            whole, part = divmod(weight, 1.0)
+            entries += [(r, task) for r in eligible] * int(whole)
+            extra = rng.permutation(len(eligible))[: round(part * len(eligible))]
+            entries += [(eligible[i], task) for i in sorted(extra)]
+        return [r for r, _ in entries], [t for _, t in entries]
 
     def _sampler(self, dataset: FeatureDataset, shuffle: bool) -> Sampler:
         """Epoch-seeded shuffling for training; every sample exactly once for evaluation.

@@ -1,7 +1,7 @@
 """CA-MER as a LightningDataModule: the manifest, its features and subtitles (real or synthetic)."""
 
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from src.data.base_datamodule import EmotionDataModule, read_subtitles
 from src.data.formats.camer import read_manifest
@@ -30,6 +30,8 @@ class CAMERDataModule(EmotionDataModule):
         on_error: ``raise`` or ``skip`` bad samples (skips are reported).
         templates: Prompt templates per task.
         shuffle_seed: Seed of the (epoch-seeded) training order.
+        **kwargs: Further :class:`EmotionDataModule` options (``source``, ``media``,
+            ``media_check``, ``tasks``).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class CAMERDataModule(EmotionDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
         shuffle_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root,
@@ -62,6 +65,7 @@ class CAMERDataModule(EmotionDataModule):
             on_error,
             templates,
             shuffle_seed,
+            **kwargs,
         )
         self.manifest = manifest
         self.subtitles = subtitles
@@ -72,6 +76,6 @@ class CAMERDataModule(EmotionDataModule):
             ensure_synthetic_camer(self.root, self.streams, synthetic)
 
     def load_records(self) -> list[SampleRecord]:
-        records = read_manifest(self.root / self.manifest, self.label_space)
+        records = read_manifest(self.root / self.manifest, self.label_space, **self.parse_options)
         subtitles = read_subtitles(self.root / self.subtitles, self.subtitle_column)
         return [replace(r, subtitle=subtitles.get(r.name, "")) for r in records]

@@ -5,6 +5,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from src.data.media import pad_audio
 from src.data.modality import Modality
 from src.data.prompt import PromptBuilder
 from src.data.records import SUBSETS
@@ -19,6 +20,9 @@ class EmotionCollator:
     ``modality_ids`` (PAD=-1 on padding), ``stream_ids`` (-1 on text and padding), ``features``
     (stream -> (B, dim)), ``labels`` and ``subset_ids`` (-1 when unknown), ``target_ids`` (answer
     tokens per sample, for the LM loss), and the plain lists ``names``, ``subsets``, ``tasks``.
+    Items of a raw-media data set carry ``frames`` (K, 3, S, S) and/or ``audio`` (n,) instead of
+    ``features``; the batch then has ``frames`` (B, K, 3, S, S), ``audio`` (B, n_max) zero-padded
+    with ``audio_lengths`` (B,), and the model's online encoders fill ``features``.
 
     Args:
         prompt_builder: Builds each sample's prompt tokens.
@@ -44,10 +48,17 @@ class EmotionCollator:
             attention_mask[row, :n] = 1
             modality_ids[row, :n] = torch.tensor(e.modality_ids)
             stream_ids[row, :n] = torch.tensor(e.stream_ids)
+        # Stored features; raw media (online encoders) instead when the items carry it.
         features = {
             s.name: torch.from_numpy(np.stack([it["features"][s.name] for it in items]))
             for s in self.prompt_builder.streams
+            if all(s.name in it.get("features", ()) for it in items)
         }
+        media: dict[str, torch.Tensor] = {}
+        if all("frames" in it for it in items):
+            media["frames"] = torch.stack([it["frames"] for it in items])
+        if all("audio" in it for it in items):
+            media["audio"], media["audio_lengths"] = pad_audio([it["audio"] for it in items])
         targets = [
             self.prompt_builder.answer_ids(it["target"]) if it.get("target") else [] for it in items
         ]
@@ -66,4 +77,5 @@ class EmotionCollator:
             "names": [it["name"] for it in items],
             "subsets": [it.get("subset") for it in items],
             "tasks": [it.get("task", "emotion") for it in items],
+            **media,
         }
