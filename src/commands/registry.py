@@ -10,4 +10,5 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "generate-camer": ("src.commands.generate_camer:main", "write the synthetic CA-MER data set"),
     "build-camer": ("src.commands.build_camer:main", "build the CA-MER manifest from annotations"),
     "score": ("src.evaluation.score:main", "compute every metric from a predictions file"),
+    "extract": ("src.commands.extract:main", "run encoders over clips, write the feature store"),
 }

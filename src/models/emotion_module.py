@@ -13,6 +13,7 @@ from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone
 from src.models.multimodal_llm import MultimodalEmotionLLM
+from src.models.online_features import encode_media
 from src.tracking.artifacts import log_figure, log_rows
 
 
@@ -36,6 +37,9 @@ class EmotionLLMModule(L.LightningModule):
         tokenizer: Tokenizer directory (linked from the data module).
         labels: Label words in class order (linked from the data module).
         streams: Feature streams (linked from the data module).
+        encoders: Online encoders per stream name (frozen LightningModules such as
+            :class:`~src.models.encoders.AudioEncoder`); they compute the features of batches
+            that carry raw media (data ``source: media``) instead of stored features.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class EmotionLLMModule(L.LightningModule):
         tokenizer: str | None = None,
         labels: list[str] | None = None,
         streams: list[StreamSpec] | None = None,
+        encoders: dict[str, L.LightningModule] | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None or labels is None or streams is None:
@@ -64,7 +69,7 @@ class EmotionLLMModule(L.LightningModule):
                 "pass them explicitly when building the module in Python"
             )
         # Plain types only: checkpoints are loaded with weights_only=True.
-        self.save_hyperparameters(ignore=["adapter", "streams"])
+        self.save_hyperparameters(ignore=["adapter", "streams", "encoders"])
         self.hparams["streams"] = [asdict(s) for s in streams]
         tok = load_tokenizer(tokenizer)
         backbone = build_backbone(
@@ -84,9 +89,19 @@ class EmotionLLMModule(L.LightningModule):
         )
         # Checkpoints hold trainable weights only; the frozen backbone is rebuilt from config.
         self.strict_loading = False
+        # Frozen encoders are rebuilt from config too (checkpoints keep trainable weights only).
+        self.encoders = torch.nn.ModuleDict(encoders or {})
+
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Fill ``features`` from raw media with the online encoders (no-op for stored ones).
+
+        Called inside the steps, so encoders run under the trainer's precision (autocast).
+        """
+        return encode_media(self.encoders, self.model.streams, batch)
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = self.encode_batch(batch)
         self.adapter.on_train_batch_start(self.model, batch, self.global_step)
         lm_loss = self.model.lm_loss(batch)
         loss = lm_loss
@@ -108,6 +123,7 @@ class EmotionLLMModule(L.LightningModule):
 
     # --------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Any], metrics: EmotionMetrics) -> torch.Tensor:
+        batch = self.encode_batch(batch)
         scores = self.model.score_labels(batch)
         labelled = batch["labels"] >= 0
         if labelled.any():
@@ -136,6 +152,7 @@ class EmotionLLMModule(L.LightningModule):
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        batch = self.encode_batch(batch)
         scores = self.model.score_labels(batch)
         texts = self.model.generate(batch, self.max_new_tokens) if self.generate_text else None
         return {
