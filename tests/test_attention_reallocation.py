@@ -20,6 +20,7 @@ from src.models.attention import (
 from src.models.attention.spans import (
     key_one_hot,
     keys_bias,
+    share_pair,
     span_mass_factors,
     span_masses,
 )
@@ -349,7 +350,7 @@ def test_span_mass_bias_is_exact_post_softmax_reallocation(strength, share):
     logits, key_ids = _random_case()
     probs = torch.softmax(logits, dim=-1)
     one_hot = key_one_hot(key_ids)
-    factors = span_mass_factors(span_masses(probs, one_hot), share, strength)
+    factors = span_mass_factors(span_masses(probs, one_hot), share_pair(share), strength)
     moved = torch.softmax(logits + keys_bias(factors, one_hot), dim=-1)
     torch.testing.assert_close(moved.sum(-1), torch.ones(2, 3, 5))  # rows sum to one
     is_a, is_v = (key_ids == A)[:, None, None], (key_ids == V)[:, None, None]
@@ -377,12 +378,13 @@ def test_span_masses_and_target_extremes():
         expected = (probs * (key_ids == m)[:, None, None]).sum(-1)
         torch.testing.assert_close(masses[..., i], expected, atol=1e-6, rtol=0)
     # A target share of 0 empties the audio span exactly and keeps the rows finite.
-    moved = torch.softmax(logits + keys_bias(span_mass_factors(masses, 0.0, 1.0), one_hot), -1)
+    factors = span_mass_factors(masses, share_pair(0.0), 1.0)
+    moved = torch.softmax(logits + keys_bias(factors, one_hot), -1)
     assert torch.isfinite(moved[0]).all()
     assert (moved[0] * (key_ids[0] == A)).sum() == 0
     # Fully masked rows (NaN probabilities) are left alone rather than poisoning the bias.
     nan_masses = torch.full((1, 1, 1, 3), float("nan"))
-    assert (span_mass_factors(nan_masses, 0.5, 1.0) == 1).all()
+    assert (span_mass_factors(nan_masses, share_pair(0.5), 1.0) == 1).all()
 
 
 def test_share_monitor_sums_selected_entries():

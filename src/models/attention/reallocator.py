@@ -30,6 +30,7 @@ from src.models.attention.spans import (
     keys_bias,
     pai_logits,
     reweighted_masses,
+    share_pair,
     span_mass_factors,
     span_mass_masses,
     span_masses,
@@ -124,6 +125,7 @@ class Reallocator:
         self._layer_set: frozenset[int] = frozenset()
         self._adapter_share: float | None = None
         self._plan: _Plan | None = None
+        self._shares: torch.Tensor | None = None
         # Multipliers in MONITORED order; modalities not given keep 1.
         self._weights = torch.tensor([self.multipliers.get(m, 1.0) for m in MONITORED])
 
@@ -172,6 +174,7 @@ class Reallocator:
         self.monitor = ShareMonitor(num_layers) if self.monitor_enabled else None
         self.calls = 0
         self._plan = None
+        self._shares = None
         return self
 
     def unbind(self) -> None:
@@ -228,8 +231,8 @@ class Reallocator:
             if masses is not None:
                 after = reweighted_masses(masses, self._weights.to(masses.device))
         else:
-            factors = span_mass_factors(masses, self._target_share(plan), self.strength)
-            factors = torch.where(plan.selected[..., None], factors, 1.0)
+            shares = self._target_shares(plan)
+            factors = span_mass_factors(masses, shares, self.strength, plan.selected)
             if acts:
                 sub_mask = plan.sdpa_mask(query.dtype) + keys_bias(factors, plan.one_hot()).to(
                     query.dtype
@@ -316,15 +319,17 @@ class Reallocator:
         mask[self.heads] = True
         return mask
 
-    def _target_share(self, plan: "_Plan") -> torch.Tensor | float:
-        """Target audio share of the audio+visual mass, a float or ``(B, 1, U)``."""
-        if self.target == "fixed":
-            return self.audio_share
-        if self.target == "from_adapter":
-            if self._adapter_share is None:
-                raise RuntimeError("AR target 'from_adapter' needs modality weights in bind()")
-            return self._adapter_share
-        return plan.proportional_share()
+    def _target_shares(self, plan: "_Plan") -> torch.Tensor:
+        """Target shares ``(t, 1 - t)`` of the audio and visual span, ``(2,)`` or ``(B,1,U,2)``."""
+        if self.target == "proportional":
+            return plan.proportional_shares()
+        if self.target == "from_adapter" and self._adapter_share is None:
+            raise RuntimeError("AR target 'from_adapter' needs modality weights in bind()")
+        device = plan.key_ids.device
+        if self._shares is None or self._shares.device != device:
+            share = self.audio_share if self.target == "fixed" else self._adapter_share
+            self._shares = share_pair(share).to(device)
+        return self._shares
 
     def _pai_eager(
         self,
@@ -441,13 +446,13 @@ class _Plan:
             self._cache[key] = self.sdpa_mask(dtype) + bias
         return self._cache[key]
 
-    def proportional_share(self) -> torch.Tensor:
-        """Visible audio keys / visible audio+visual keys per row, ``(B, 1, U)``."""
-        if "share" not in self._cache:
+    def proportional_shares(self) -> torch.Tensor:
+        """Visible audio and visual keys over their sum, per row, ``(B, 1, U, 2)``."""
+        if "shares" not in self._cache:
             counts = torch.matmul(self.visible.float(), self.one_hot()[..., :2])  # (B, 1, U, 2)
             # Rows without both spans are left alone later; avoid 0/0 here.
-            self._cache["share"] = counts[..., 0] / counts.sum(-1).clamp_min(1.0)
-        return self._cache["share"]
+            self._cache["shares"] = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+        return self._cache["shares"]
 
 
 def _share_from_weights(weights: dict[str, float] | None) -> float:

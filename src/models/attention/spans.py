@@ -26,9 +26,17 @@ def key_one_hot(key_ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([key_ids == int(m) for m in MONITORED], dim=-1)[:, None].float()
 
 
+def _per_sample_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x (B, H, Q, n) @ y (B, 1, n, m)`` as one ``bmm`` over ``(B, H*Q, n)``: broadcasting
+    ``y`` over heads would copy it."""
+    batch, heads, rows, n = x.shape
+    out = torch.bmm(x.reshape(batch, heads * rows, n), y.reshape(batch, n, -1))
+    return out.reshape(batch, heads, rows, -1)
+
+
 def span_masses(probs: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
     """Mass each row puts on audio, visual and text keys: ``probs @ one_hot``, ``(..., 3)``."""
-    return torch.matmul(probs, one_hot)
+    return _per_sample_matmul(probs, one_hot.expand(probs.shape[0], 1, -1, -1))
 
 
 def reweighted_masses(masses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -37,10 +45,19 @@ def reweighted_masses(masses: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return scaled / scaled.sum(-1, keepdim=True)
 
 
+def share_pair(audio_share: torch.Tensor | float) -> torch.Tensor:
+    """Target shares ``(..., 2)`` of the audio and the visual span: ``(t, 1 - t)``."""
+    share = torch.as_tensor(audio_share, dtype=torch.float32)
+    return torch.stack([share, 1.0 - share], dim=-1)
+
+
 def span_mass_factors(
-    masses: torch.Tensor, audio_share: torch.Tensor | float, strength: float
+    masses: torch.Tensor,
+    shares: torch.Tensor,
+    strength: float,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Factors for the audio and visual keys that move mass toward a target audio share.
+    """Factors for the audio and visual keys that move mass toward target shares.
 
     With ``M_a``, ``M_v`` the row's audio and visual masses and ``P = M_a + M_v``, the new masses
     are ``M_a' = (1 - s) M_a + s t P`` and ``M_v' = (1 - s) M_v + s (1 - t) P`` (``t`` the target
@@ -50,20 +67,21 @@ def span_mass_factors(
 
     Args:
         masses: ``(..., >=2)`` masses from :func:`span_masses`.
-        audio_share: target audio share of ``P``: a float or a tensor broadcastable to
-            ``masses[..., 0]``.
+        shares: ``(t, 1 - t)`` from :func:`share_pair`, broadcastable to ``masses[..., :2]``.
         strength: ``s`` in ``[0, 1]``; 1 reaches the target exactly.
+        rows: optional boolean broadcastable to ``masses[..., 0]``: only these rows change.
 
     Returns:
         ``(..., 2)`` factors ``M_a'/M_a``, ``M_v'/M_v``.
     """
-    audio, visual = masses[..., 0], masses[..., 1]
-    perceptual = audio + visual
-    factor_a = (1.0 - strength) + strength * audio_share * perceptual / audio
-    factor_v = (1.0 - strength) + strength * (1.0 - audio_share) * perceptual / visual
-    valid = (audio > 0) & (visual > 0)  # False for NaN rows (fully masked padding) too
-    factors = torch.stack([factor_a, factor_v], dim=-1)
-    return torch.where(valid[..., None], factors, 1.0)
+    pair = masses[..., :2]
+    perceptual = pair.sum(-1, keepdim=True)
+    factors = (1.0 - strength) + (strength * shares) * (perceptual / pair)
+    # False for NaN rows (fully masked padding) too.
+    valid = (pair > 0).all(-1, keepdim=True)
+    if rows is not None:
+        valid = valid & rows[..., None]
+    return factors.masked_fill_(~valid, 1.0)
 
 
 def span_mass_masses(masses: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -77,8 +95,9 @@ def keys_bias(factors: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
     The first ``n`` monitored modalities get ``log factor``; other keys (text, padding) 0.
     """
     n = factors.shape[-1]
-    log_factors = factors.log().clamp_min(LOG_ZERO)
-    return torch.matmul(log_factors, one_hot[..., :n].transpose(-1, -2))
+    log_factors = factors.log().clamp_min_(LOG_ZERO)
+    one_hot = one_hot.expand(factors.shape[0], 1, -1, -1)
+    return _per_sample_matmul(log_factors, one_hot[..., :n].transpose(-1, -2))
 
 
 def pai_logits(logits: torch.Tensor, target_keys: torch.Tensor, alpha: float) -> torch.Tensor:
