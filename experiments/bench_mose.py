@@ -9,7 +9,8 @@ peak of the torch profiler's memory timeline on CPU.
 Rank budget: peft LoRA has rank ``r``. ``mose_split`` gives each of a modality's ``E`` experts
 rank ``r / E`` (shared ``A`` of rank ``r / E``), so a token passes through ``E * r/E = r`` rank
 units of ``B``, as in the LoRA; ``mose_full`` gives every expert rank ``r`` (HydraLoRA-style,
-``E`` times the ``B`` parameters). ``mose_loop`` is ``mose_split`` computing the experts one by one.
+``E`` times the ``B`` parameters). ``mose_loop`` is ``mose_split`` computing the experts one by one;
+``mose_compiled`` is ``mose_split`` with ``compile=True`` (not run unless named in --variants).
 
     python experiments/bench_mose.py                       # CPU defaults (see --help)
     python experiments/bench_mose.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8
@@ -37,7 +38,8 @@ from src.models.modality_context import ModalityContext  # noqa: E402
 from src.models.mose import MoSELinear, inject_mose  # noqa: E402
 from src.models.mose_regularizer import MoSEGateLoss  # noqa: E402
 
-VARIANTS = ("lora", "mose_split", "mose_full", "mose_loop")
+VARIANTS = ("lora", "mose_split", "mose_full", "mose_loop", "mose_compiled")
+DEFAULT_VARIANTS = VARIANTS[:4]
 
 
 class LoopMoSELinear(MoSELinear):
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"among {VARIANTS}")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.rank % args.experts:
@@ -108,7 +110,7 @@ def build(args: argparse.Namespace, variant: str) -> tuple[torch.nn.Module, Any]
         # (autocast_adapter_dtype), as MoSE does; only the LoRA parameters train.
         model = get_peft_model(model, lora)
     else:
-        rank = args.rank // args.experts if variant in ("mose_split", "mose_loop") else args.rank
+        rank = args.rank if variant == "mose_full" else args.rank // args.experts
         layers = inject_mose(
             model,
             ctx,
@@ -119,6 +121,7 @@ def build(args: argparse.Namespace, variant: str) -> tuple[torch.nn.Module, Any]
             text_mode=args.text_mode,
             top_k=args.top_k,
             track_contribution=args.modality_balance_weight > 0,
+            compile=variant == "mose_compiled",
             layer_cls=LoopMoSELinear if variant == "mose_loop" else None,
         )
         # Trained experts are non-zero; zero B's would let some kernels take shortcuts.

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +30,7 @@ from src.models.mose import (
     mose_layers,
     mose_state_dict,
 )
-from src.models.mose_regularizer import GateRecord, MoSEGateLoss, cv_squared
+from src.models.mose_regularizer import LayerRecord, MoSEGateLoss, cv_squared
 
 P, T, A, V = int(Modality.PAD), int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VISUAL)
 VOCAB = 64
@@ -195,7 +196,7 @@ def test_gate_probabilities_sum_to_one_per_modality(top_k: int | None) -> None:
     pad = flat_ids == P
     assert probs[pad].abs().sum() == 0 and mix[pad].abs().sum() == 0
     (record,) = layer.pop_records()
-    assert set(record) == {"audio", "visual", "text"}
+    assert set(record.groups) == {"audio", "visual", "text"}
     for group in layer.groups:
         r = record[group.name]
         assert r.count == int((ids == int(group.modality)).sum())
@@ -221,6 +222,33 @@ def test_top_k_mixes_only_k_experts_renormalised() -> None:
     torch.testing.assert_close(
         mix.gather(1, top2.indices), top2.values / top2.values.sum(-1, keepdim=True)
     )
+
+
+@pytest.mark.slow
+def test_compiled_core_matches_eager() -> None:
+    """compile=True (torch.compile of the shared core) gives the same outputs and gradients."""
+    torch.manual_seed(0)
+    ctx, ids = ModalityContext(), mixed_ids()
+    weights = LearnedModalityWeights()
+    eager = MoSELinear(nn.Linear(16, 16), ctx, rank=4, top_k=2, modality_weights=weights).train()
+    randomize_experts([eager])
+    compiled = MoSELinear(
+        eager.base_layer, ctx, rank=4, top_k=2, modality_weights=weights, compile=True
+    ).train()
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn(*ids.shape, 16)
+    outputs, grads = [], []
+    for layer in (eager, compiled):
+        with ctx.bind(ids):
+            out = layer(x)
+        (record,) = layer.pop_records()
+        (out.square().mean() + record.importance.square().sum()).backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
 def test_shared_a_gets_gradient_from_every_modality() -> None:
@@ -373,14 +401,27 @@ def test_save_reload_round_trip(tmp_path) -> None:
 # --- gating loss -------------------------------------------------------------------------------
 
 
-def record(probs: torch.Tensor, contribution: float | torch.Tensor = 0.0) -> GateRecord:
-    mix = probs.detach()
-    return GateRecord(
-        importance=probs.sum(0),
-        usage=mix.sum(0),
-        dispatch=torch.nn.functional.one_hot(mix.argmax(-1), probs.shape[1]).sum(0),
-        count=probs.shape[0],
-        contribution=torch.as_tensor(contribution, dtype=torch.float32),
+def layer_record(
+    probs: dict[str, torch.Tensor], contributions: dict[str, float | torch.Tensor] | None = None
+) -> LayerRecord:
+    """A hand-made record: per group, (tokens, experts) gate probabilities."""
+    groups, columns, start = tuple(probs), [], 0
+    for p in probs.values():
+        columns.append((start, start + p.shape[1]))
+        start += p.shape[1]
+    contributions = contributions or {}
+    return LayerRecord(
+        groups=groups,
+        columns=tuple(columns),
+        counts=tuple(p.shape[0] for p in probs.values()),
+        importance=torch.cat([p.sum(0) for p in probs.values()]),
+        usage=torch.cat([p.detach().sum(0) for p in probs.values()]),
+        dispatch=torch.cat(
+            [F.one_hot(p.argmax(-1), p.shape[1]).sum(0).float() for p in probs.values()]
+        ),
+        contribution=torch.stack(
+            [torch.as_tensor(contributions.get(n, 0.0), dtype=torch.float32) for n in groups]
+        ),
     )
 
 
@@ -389,8 +430,8 @@ def test_balance_terms_are_minimal_for_uniform_usage() -> None:
     skewed = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(8, 1)
     for kind in ("cv2", "switch"):
         loss = MoSEGateLoss(balance=kind)
-        (low,) = loss.balance_terms([record(uniform)])
-        (high,) = loss.balance_terms([record(skewed)])
+        (low,) = loss.balance_terms([layer_record({"visual": uniform})], "visual")
+        (high,) = loss.balance_terms([layer_record({"visual": skewed})], "visual")
         assert high > low
     assert cv_squared(uniform.sum(0)).item() == pytest.approx(0.0, abs=1e-7)
 
@@ -428,12 +469,16 @@ def test_modality_balance_term_pulls_contributions_together() -> None:
     probs = torch.full((3, 2), 0.5)
     c_audio = torch.tensor(4.0, requires_grad=True)
     c_visual = torch.tensor(1.0, requires_grad=True)
-    out = loss([{"audio": record(probs, c_audio), "visual": record(probs, c_visual)}])
+    out = loss(
+        [layer_record({"audio": probs, "visual": probs}, {"audio": c_audio, "visual": c_visual})]
+    )
     assert out.modality.item() == pytest.approx((3 / 5) ** 2)
     out.loss.backward()
     assert c_audio.grad < 0 or c_audio.grad > 0
     assert c_audio.grad > 0 > c_visual.grad  # shrink the larger, grow the smaller
-    balanced = loss([{"audio": record(probs, 2.0), "visual": record(probs, 2.0)}])
+    balanced = loss(
+        [layer_record({"audio": probs, "visual": probs}, {"audio": 2.0, "visual": 2.0})]
+    )
     assert balanced.modality.item() == pytest.approx(0.0)
 
 

@@ -20,7 +20,7 @@ choices: ``docs/mose.md``.
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from src.data.modality import Modality
 from src.models.modality_context import ModalityContext
 from src.models.modality_weights import FixedModalityWeights, ModalityWeights
-from src.models.mose_regularizer import GateRecord, LayerRecord
+from src.models.mose_regularizer import LayerRecord
 
 TEXT_MODES = ("experts", "lora", "none")
 GATE_INPUTS = ("hidden", "shared_a")
@@ -66,12 +66,14 @@ class RoutingPlan:
             of groups for tokens no group takes (PAD; text with ``text_mode="none"``).
         columns: ``(tokens, experts of all groups)`` True on the columns of the token's group.
         one_hot: ``(tokens, groups)`` float one-hot of ``group`` (per-group sums by a matmul).
+        count_div: ``(groups,)`` token counts as floats, at least 1 (per-group means).
         counts: Tokens per group (Python ints: read once per forward, not once per layer).
     """
 
     group: torch.Tensor
     columns: torch.Tensor
     one_hot: torch.Tensor
+    count_div: torch.Tensor
     counts: list[int]
 
 
@@ -107,11 +109,13 @@ class RoutingCache:
         code_table, col_group = self._constants(codes, column_groups, device)
         matches = flat.unsqueeze(1) == code_table  # (tokens, groups)
         group = torch.where(matches.any(1), matches.long().argmax(1), len(codes))
+        counts = matches.sum(0)
         self._plan = RoutingPlan(
             group=group,
             columns=group.unsqueeze(1) == col_group,
             one_hot=matches.float(),
-            counts=[int(c) for c in matches.sum(0).tolist()],
+            count_div=counts.clamp_min(1).float(),
+            counts=[int(c) for c in counts.tolist()],
         )
         self._ids, self._key = ids, key
         return self._plan
@@ -166,6 +170,10 @@ class MoSELinear(nn.Module):
         track_contribution: Record each modality's contribution attached to the graph (needed
             by the cross-modality balance loss; keeps the ``(tokens, out)`` adapter output alive
             until backward). When off, the contribution is recorded detached, for logging only.
+        record_dispatch: Count, in dense mode, each token's arg-max expert (only the
+            ``switch`` balance loss uses it; top-k mode always has it).
+        compile: Run the adapter math through ``torch.compile`` (fuses its ~20 small kernels;
+            worth it on GPUs, where they are launch-bound; the first steps compile).
     """
 
     def __init__(
@@ -185,6 +193,8 @@ class MoSELinear(nn.Module):
         modality_weights: ModalityWeights | None = None,
         routing: RoutingCache | None = None,
         track_contribution: bool = True,
+        record_dispatch: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -257,6 +267,8 @@ class MoSELinear(nn.Module):
         self._n_single = sum(1 for g in self.groups if g.n_experts == 1)
 
         self.track_contribution = track_contribution
+        self.record_dispatch = record_dispatch
+        self.compile = compile
         self.context = context
         # Plain attributes, not submodules: shared by all layers and registered once elsewhere.
         self.__dict__["_modality_weights"] = modality_weights
@@ -285,14 +297,44 @@ class MoSELinear(nn.Module):
         batch, seq, _ = x.shape
         plan = self.plan(batch, seq, x.device)
         flat_x = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
-        h = self.dropout(flat_x) @ self.lora_A.t()  # (tokens, r), shared by every modality
-        probs, mix, chosen = self.route(flat_x, h, plan)
-        coeff = mix * self._token_scale(plan, h)
-        delta = self._mix_experts(h, coeff, self._stacked_experts())
-        if self.training and torch.is_grad_enabled():
-            self._records.append(self._record(plan, probs, mix, chosen, delta))
+        record = self.training and torch.is_grad_enabled()
+        delta, stats = self._core(flat_x, plan, record)
+        if record:
+            self._records.append(self._record(plan, *stats))
             del self._records[:-MAX_RECORDS]
         return result + delta.view(batch, seq, self.out_features).to(result.dtype)
+
+    def _core(
+        self, flat_x: torch.Tensor, plan: RoutingPlan, record: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Run :func:`mose_core` on this layer's parameters (compiled when ``compile``)."""
+        weights = self.modality_weights
+        args = (
+            flat_x,
+            self.lora_A,
+            [self.gates[name].weight for name in self._column_order[: len(self.gates)]],
+            [self.experts[name] for name in self._column_order],
+            flat_x.new_ones(2) if weights is None else weights.weights().to(flat_x),
+            plan.group,
+            plan.columns,
+            plan.one_hot,
+            plan.count_div,
+        )
+        options = {
+            "scaling": self.scaling,
+            "dropout": self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
+            "training": self.training,
+            "gate_on_hidden": self.gate_input == "hidden",
+            "n_groups": len(self.groups),
+            "n_single": self._n_single,
+            "top_k": self.top_k,
+            "want_chosen": record and (self.record_dispatch or self.top_k is not None),
+            "record": record,
+            "track_contribution": self.track_contribution,
+        }
+        if self.compile:
+            return _compiled_mose_core()(*args, **options)
+        return mose_core(*args, **options, mix=self._mix_experts)
 
     def plan(self, batch: int, seq: int, device: torch.device) -> RoutingPlan:
         """The routing plan of the bound ``modality_ids`` for a ``(batch, seq)`` input."""
@@ -305,88 +347,41 @@ class MoSELinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate probabilities, mixing weights and chosen experts, ``(tokens, columns)`` each.
 
-        Each token's softmax runs over its own group's columns only (the others are masked), so
-        one softmax serves every modality; rows of tokens no group takes are all zero. A
-        single-expert group's column has the constant logit 0, hence probability 1.
+        See :func:`route_tokens`; ``h`` is the shared projection ``A x`` (the gate input when
+        ``gate_input="shared_a"``).
         """
+        gate_weights = [self.gates[name].weight for name in self._column_order[: len(self.gates)]]
         source = flat_x if self.gate_input == "hidden" else h
-        if self.gates:
-            weight = torch.cat(
-                [self.gates[name].weight for name in self._column_order[: len(self.gates)]]
-            )
-            logits = F.pad(source @ weight.t(), (0, self._n_single))
-        else:
-            logits = source.new_zeros(source.shape[0], self._n_single)
-        masked = logits.float().masked_fill(~plan.columns, torch.finfo(torch.float32).min)
-        columns = plan.columns.float()
-        probs = torch.softmax(masked, dim=-1) * columns
-        if self.top_k is None:
-            chosen = torch.zeros_like(probs).scatter_(1, masked.argmax(-1, keepdim=True), 1.0)
-            return probs, probs, chosen * columns
-        top = masked.topk(min(self.top_k, masked.shape[1]), dim=-1).indices
-        chosen = torch.zeros_like(probs).scatter_(1, top, 1.0) * columns
-        kept = probs * chosen
-        return probs, kept / kept.sum(-1, keepdim=True).clamp_min(1e-12), chosen
-
-    def _token_scale(self, plan: RoutingPlan, like: torch.Tensor) -> torch.Tensor:
-        """``scaling * w_m`` of each token's modality, ``(tokens, 1)`` (0 where no group)."""
-        source = self.modality_weights
-        weights = like.new_ones(2) if source is None else source.weights().to(like)
-        per_group = [
-            weights[g.weight_index] if g.weight_index is not None else like.new_ones(())
-            for g in self.groups
-        ]
-        table = torch.stack([*per_group, like.new_zeros(())]) * self.scaling
-        return table[plan.group].unsqueeze(1)
-
-    def _stacked_experts(self) -> torch.Tensor:
-        """All experts in column order, ``(columns, out, r)``."""
-        return torch.cat([self.experts[name] for name in self._column_order])
+        probs, mix, chosen = route_tokens(
+            source, gate_weights, plan.columns, self._n_single, self.top_k, want_chosen=True
+        )
+        return probs, mix, chosen
 
     def _mix_experts(
         self, h: torch.Tensor, coeff: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
-        """``sum_e coeff[:, e] * (B_e @ h)`` for all experts in one matmul.
-
-        ``sum_e c_e B_e h = [B_1 ... B_E] (c (x) h)``: a ``(tokens, E*r) @ (E*r, out)`` product.
-
-        Args:
-            h: ``(tokens, r)`` shared projection.
-            coeff: ``(tokens, E)`` mixing weights (gate x scaling x modality weight).
-            experts: ``(E, out, r)`` expert matrices.
-        """
-        n_experts, out, rank = experts.shape
-        z = (coeff.to(h.dtype).unsqueeze(2) * h.unsqueeze(1)).reshape(-1, n_experts * rank)
-        return z @ experts.transpose(1, 2).reshape(n_experts * rank, out)
+        """Mix the experts (:func:`mix_experts`; the benchmark overrides it with a loop)."""
+        return mix_experts(h, coeff, experts)
 
     # --- records for the gating loss and statistics ----------------------------------------
 
     def _record(
         self,
         plan: RoutingPlan,
-        probs: torch.Tensor,
-        mix: torch.Tensor,
-        chosen: torch.Tensor,
-        delta: torch.Tensor,
+        importance: torch.Tensor,
+        usage: torch.Tensor,
+        dispatch: torch.Tensor,
+        contribution: torch.Tensor,
     ) -> LayerRecord:
-        importance = probs.sum(0)  # other groups' tokens are zero in a group's columns
-        usage = mix.detach().sum(0)
-        dispatch = chosen.sum(0)
-        # Attached to the graph, the contribution keeps delta alive until backward: on demand.
-        source = delta if self.track_contribution else delta.detach()
-        per_group = source.float().pow(2).sum(-1) @ plan.one_hot  # (groups,) sums of ||delta||^2
-        record: LayerRecord = {}
-        for index, g in enumerate(self.groups):
-            start, stop = self.columns[g.name]
-            count = plan.counts[index]
-            record[g.name] = GateRecord(
-                importance=importance[start:stop],
-                usage=usage[start:stop],
-                dispatch=dispatch[start:stop],
-                count=count,
-                contribution=per_group[index] / max(count, 1),
-            )
-        return record
+        return LayerRecord(
+            groups=tuple(g.name for g in self.groups),
+            columns=tuple(self.columns[g.name] for g in self.groups),
+            counts=tuple(plan.counts),
+            importance=importance,
+            usage=usage,
+            dispatch=dispatch,
+            contribution=contribution,
+        )
 
     def pop_records(self) -> list[LayerRecord]:
         """Records of the training forwards since the last call (and forget them)."""
@@ -396,6 +391,119 @@ class MoSELinear(nn.Module):
     def clear_records(self) -> None:
         """Drop recorded forwards (their graphs are then freed after backward)."""
         self._records = []
+
+
+def route_tokens(
+    source: torch.Tensor,
+    gate_weights: list[torch.Tensor],
+    columns: torch.Tensor,
+    n_single: int,
+    top_k: int | None,
+    want_chosen: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gate probabilities, mixing weights and chosen experts, ``(tokens, columns)`` each.
+
+    The gated groups' logits come from one matmul with their stacked gate weights; the
+    ``n_single`` single-expert groups' columns get the constant logit 0. Each token's softmax
+    runs over its own group's columns only (``columns`` masks the rest), so one softmax serves
+    every modality, a single expert gets probability 1, and rows of tokens that no group takes
+    are all zero. With ``top_k`` the mixing weights keep the ``top_k`` most probable experts,
+    renormalised; ``chosen`` marks the experts each token uses (the arg-max in dense mode).
+    """
+    if gate_weights:
+        logits = F.pad(source @ torch.cat(gate_weights).t(), (0, n_single))
+    else:
+        logits = source.new_zeros(source.shape[0], n_single)
+    masked = logits.float().masked_fill(~columns, torch.finfo(torch.float32).min)
+    in_group = columns.float()
+    probs = torch.softmax(masked, dim=-1) * in_group
+    if top_k is None:
+        if not want_chosen:
+            return probs, probs, None
+        chosen = torch.zeros_like(probs).scatter_(1, masked.argmax(-1, keepdim=True), 1.0)
+        return probs, probs, chosen * in_group
+    top = masked.topk(min(top_k, masked.shape[1]), dim=-1).indices
+    chosen = torch.zeros_like(probs).scatter_(1, top, 1.0) * in_group
+    kept = probs * chosen
+    return probs, kept / kept.sum(-1, keepdim=True).clamp_min(1e-12), chosen
+
+
+def mix_experts(h: torch.Tensor, coeff: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """``sum_e coeff[:, e] * (B_e @ h)`` for all experts in one matmul.
+
+    ``sum_e c_e B_e h = [B_1 ... B_E] (c (x) h)``: a ``(tokens, E*r) @ (E*r, out)`` product.
+
+    Args:
+        h: ``(tokens, r)`` shared projection.
+        coeff: ``(tokens, E)`` mixing weights (gate x scaling x modality weight).
+        experts: ``(E, out, r)`` expert matrices.
+    """
+    n_experts, out, rank = experts.shape
+    z = (coeff.to(h.dtype).unsqueeze(2) * h.unsqueeze(1)).reshape(-1, n_experts * rank)
+    return z @ experts.transpose(1, 2).reshape(n_experts * rank, out)
+
+
+def mose_core(
+    flat_x: torch.Tensor,
+    lora_A: torch.Tensor,
+    gate_weights: list[torch.Tensor],
+    experts: list[torch.Tensor],
+    modality_weights: torch.Tensor,
+    group: torch.Tensor,
+    columns: torch.Tensor,
+    one_hot: torch.Tensor,
+    count_div: torch.Tensor,
+    *,
+    scaling: float,
+    dropout: float,
+    training: bool,
+    gate_on_hidden: bool,
+    n_groups: int,
+    n_single: int,
+    top_k: int | None,
+    want_chosen: bool,
+    record: bool,
+    track_contribution: bool,
+    mix: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = mix_experts,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The adapter output ``(tokens, out)`` of one MoSE layer and, if ``record``, its statistics.
+
+    Pure tensor code with static options, shared by every layer, so that ``torch.compile``
+    traces it once. ``experts`` and the gate weights come in column order; ``group`` and
+    ``columns`` are the :class:`RoutingPlan`'s. Statistics: per-column sums of gate
+    probabilities (graph) and of mixing weights, per-column dispatch counts, and per-group mean
+    ``||delta||^2`` (graph when ``track_contribution``).
+    """
+    h = F.dropout(flat_x, dropout, training) @ lora_A.t()  # (tokens, r), shared by everyone
+    source = flat_x if gate_on_hidden else h
+    probs, mix_weights, chosen = route_tokens(
+        source, gate_weights, columns, n_single, top_k, want_chosen
+    )
+    # scaling * w_m per token; groups are audio, visual[, text], then "no group" (weight 0).
+    tail = F.pad(modality_weights.new_ones(n_groups - 2), (0, 1))
+    table = torch.cat([modality_weights, tail]) * scaling
+    coeff = mix_weights * table[group].unsqueeze(1)
+    delta = mix(h, coeff, torch.cat(experts))
+    if not record:
+        return delta, ()
+    importance = probs.sum(0)  # other groups' tokens are zero in a group's columns
+    usage = mix_weights.detach().sum(0)
+    dispatch = chosen.sum(0) if chosen is not None else torch.zeros_like(usage)
+    # Attached to the graph, the contribution keeps delta alive until backward: on demand.
+    source = delta if track_contribution else delta.detach()
+    contribution = (source.float().pow(2).sum(-1) @ one_hot) / count_div
+    return delta, (importance, usage, dispatch, contribution)
+
+
+_COMPILED_CORE: Callable | None = None
+
+
+def _compiled_mose_core() -> Callable:
+    """:func:`mose_core` through ``torch.compile`` (dynamic token count), built on first use."""
+    global _COMPILED_CORE
+    if _COMPILED_CORE is None:
+        _COMPILED_CORE = torch.compile(mose_core, dynamic=True)
+    return _COMPILED_CORE
 
 
 # --- injection and checkpoints -----------------------------------------------------------------

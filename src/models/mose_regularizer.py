@@ -20,6 +20,8 @@ import torch
 from src.data.modality import Modality
 
 BALANCE_LOSSES = ("cv2", "switch")
+_AUDIO = Modality.AUDIO.name.lower()
+_VISUAL = Modality.VISUAL.name.lower()
 
 
 @dataclass
@@ -45,11 +47,59 @@ class GateRecord:
     contribution: torch.Tensor
 
 
-#: One forward of one layer: group name (``audio``, ``visual``, ``text``) -> record.
-LayerRecord = dict[str, GateRecord]
+@dataclass
+class LayerRecord:
+    """One forward of one MoSE layer, for all its groups at once (few tensors per layer).
 
-_AUDIO = Modality.AUDIO.name.lower()
-_VISUAL = Modality.VISUAL.name.lower()
+    Attributes:
+        groups: Group names in the layer's order (``audio``, ``visual``[, ``text``]).
+        columns: ``(start, stop)`` of each group's experts in the column tensors.
+        counts: Tokens of each group.
+        importance: ``(columns,)`` per-expert sums of gate probabilities (graph).
+        usage: ``(columns,)`` per-expert sums of applied mixing weights (detached).
+        dispatch: ``(columns,)`` per-expert counts of selecting tokens (detached).
+        contribution: ``(groups,)`` per-token mean ``||delta||^2`` of each group.
+    """
+
+    groups: tuple[str, ...]
+    columns: tuple[tuple[int, int], ...]
+    counts: tuple[int, ...]
+    importance: torch.Tensor
+    usage: torch.Tensor
+    dispatch: torch.Tensor
+    contribution: torch.Tensor
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.groups
+
+    def __getitem__(self, name: str) -> GateRecord:
+        """The record of group ``name`` (slices of the layer's tensors)."""
+        index = self.groups.index(name)
+        start, stop = self.columns[index]
+        return GateRecord(
+            importance=self.importance[start:stop],
+            usage=self.usage[start:stop],
+            dispatch=self.dispatch[start:stop],
+            count=self.counts[index],
+            contribution=self.contribution[index],
+        )
+
+    def layout(self) -> tuple:
+        """Records with the same layout stack into one tensor per field."""
+        return self.groups, self.columns
+
+
+def stack_group(
+    records: list[LayerRecord], name: str, field: str, where: str = "present"
+) -> torch.Tensor | None:
+    """``(records, experts)`` rows of ``field`` for group ``name``, over the records where the
+    group has tokens (``where="present"``) or all of them (``"all"``); ``None`` if none."""
+    rows = [r for r in records if name in r and (where == "all" or r.counts[r.groups.index(name)])]
+    if not rows:
+        return None
+    index = rows[0].groups.index(name)
+    start, stop = rows[0].columns[index]
+    return torch.stack([getattr(r, field) for r in rows])[:, start:stop]
 
 
 @dataclass
@@ -111,49 +161,52 @@ class MoSEGateLoss:
         self.modality_balance_weight = modality_balance_weight
         self.eps = eps
 
-    def balance_terms(self, records: list[GateRecord]) -> torch.Tensor | None:
-        """Balancing term of each record of one group with tokens, or ``None`` if none count.
+    def balance_terms(self, records: list[LayerRecord], name: str) -> torch.Tensor | None:
+        """Balancing term of group ``name`` in each record where it has tokens, or ``None``.
 
-        Records without tokens, and single-expert groups, have nothing to balance.
+        Records without tokens of the group, and single-expert groups, have nothing to balance.
         """
-        present = [r for r in records if r.count > 0 and r.importance.shape[-1] > 1]
-        if not present:
+        importance = stack_group(records, name, "importance")
+        if importance is None or importance.shape[-1] < 2:
             return None
-        importance = torch.stack([r.importance for r in present])
         if self.balance == "cv2":
             return cv_squared(importance)
-        dispatch = torch.stack([r.dispatch for r in present])
-        return switch_balance(importance, dispatch)
+        return switch_balance(importance, stack_group(records, name, "dispatch"))
 
     def modality_terms(self, records: list[LayerRecord]) -> torch.Tensor | None:
         """``((c_a - c_v) / (c_a + c_v))^2`` of each layer forward where both modalities occur."""
-        pairs = [
-            (r[_AUDIO].contribution, r[_VISUAL].contribution)
+        both = [
+            r
             for r in records
-            if _AUDIO in r and _VISUAL in r and r[_AUDIO].count > 0 and r[_VISUAL].count > 0
+            if _AUDIO in r
+            and _VISUAL in r
+            and r.counts[r.groups.index(_AUDIO)] > 0
+            and r.counts[r.groups.index(_VISUAL)] > 0
         ]
-        if not pairs:
+        if not both:
             return None
-        c_a = torch.stack([a for a, _ in pairs]).float()
-        c_v = torch.stack([v for _, v in pairs]).float()
+        a, v = both[0].groups.index(_AUDIO), both[0].groups.index(_VISUAL)
+        contribution = torch.stack([r.contribution for r in both]).float()
+        c_a, c_v = contribution[:, a], contribution[:, v]
         return ((c_a - c_v) / (c_a + c_v + self.eps)) ** 2
 
     def __call__(self, records: list[LayerRecord]) -> GateLossOutput:
-        """Loss over ``records`` (one entry per layer and forward).
+        """Loss over ``records`` (one per layer and forward, all with the same group layout).
 
         Each term is the mean over what it can measure (absent modalities and single experts
         are skipped). The loss also carries an exact zero attached to every recorded tensor, so
         it is a graph tensor whatever the batch holds.
         """
-        groups: dict[str, list[GateRecord]] = {}
-        for record in records:
-            for name, r in record.items():
-                groups.setdefault(name, []).append(r)
-        if not groups:
+        if not records:
             raise ValueError("MoSEGateLoss: no gate records (was there a training forward?)")
-        every = [t for rs in groups.values() for r in rs for t in (r.importance, r.contribution)]
-        anchor = torch.cat([t.float().reshape(-1) for t in every]).sum() * 0.0
-        balance_terms = [t for rs in groups.values() if (t := self.balance_terms(rs)) is not None]
+        if len({r.layout() for r in records}) != 1:
+            raise ValueError("MoSEGateLoss: records of differently configured MoSE layers")
+        importance = torch.stack([r.importance for r in records]).float()
+        contribution = torch.stack([r.contribution for r in records]).float()
+        anchor = (importance.sum() + contribution.sum()) * 0.0
+        balance_terms = [
+            t for name in records[0].groups if (t := self.balance_terms(records, name)) is not None
+        ]
         modality_terms = self.modality_terms(records)
         balance = torch.cat(balance_terms).mean() if balance_terms else anchor.new_zeros(())
         modality = modality_terms.mean() if modality_terms is not None else anchor.new_zeros(())

@@ -26,7 +26,7 @@ from src.models.mose import (
     mose_layers,
     mose_state_dict,
 )
-from src.models.mose_regularizer import GateRecord, LayerRecord, MoSEGateLoss
+from src.models.mose_regularizer import LayerRecord, MoSEGateLoss, stack_group
 
 if TYPE_CHECKING:  # pragma: no cover
     from src.models.multimodal_llm import MultimodalEmotionLLM
@@ -67,6 +67,8 @@ class MoSEAdapter(Adapter):
         dominance_momentum: ``"dominance"``: EMA factor of the weights.
         dominance_interval: ``"dominance"``: measure every this many training steps.
         dominance_min_weight: ``"dominance"``: floor of the dominant modality's weight.
+        compile: Fuse each layer's adapter math with ``torch.compile`` (for GPUs, where its
+            small kernels are launch-bound; the first steps pay the compilation).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class MoSEAdapter(Adapter):
         dominance_momentum: float = 0.9,
         dominance_interval: int = 1,
         dominance_min_weight: float = 0.1,
+        compile: bool = False,
     ) -> None:
         self.layer_kwargs: dict[str, Any] = {
             "rank": rank,
@@ -105,6 +108,8 @@ class MoSEAdapter(Adapter):
             "gate_input": gate_input,
             # The cross-modality term needs contributions attached to the graph; else log only.
             "track_contribution": modality_balance_weight > 0,
+            "record_dispatch": balance_loss == "switch",
+            "compile": compile,
         }
         # Fail at config time, not after the backbone is loaded: build one throw-away layer.
         MoSELinear(nn.Linear(2, 2), ModalityContext(), **self.layer_kwargs)
@@ -230,27 +235,25 @@ class MoSEAdapter(Adapter):
         self._metrics = dict(zip(metrics, floats, strict=True))
 
     def _accumulate_usage(self, per_layer: list[list[LayerRecord]]) -> None:
-        pairs: dict[str, list[tuple[int, GateRecord]]] = {}
-        for index, layer_records in enumerate(per_layer):
-            for record in layer_records:
-                for group, r in record.items():
-                    if r.usage.shape[-1] > 1:
-                        pairs.setdefault(group, []).append((index, r))
+        records = [r for layer_records in per_layer for r in layer_records]
+        layer_index = [i for i, layer_records in enumerate(per_layer) for _ in layer_records]
         n_layers = len(per_layer)
-        for group, items in pairs.items():
-            rows = torch.stack([r.usage.float() for _, r in items])
-            sums = self._usage.get(group)
+        for index, name in enumerate(records[0].groups):
+            start, stop = records[0].columns[index]
+            if stop - start < 2:  # no gate, nothing to plot
+                continue
+            rows = torch.stack([r.usage for r in records])[:, start:stop].float()
+            sums = self._usage.get(name)
             if sums is None:
-                sums = rows.new_zeros(n_layers, rows.shape[1])
-                self._usage_count[group] = [0.0] * n_layers
-            layer_index = [i for i, _ in items]
+                sums = rows.new_zeros(n_layers, stop - start)
+                self._usage_count[name] = [0.0] * n_layers
             if layer_index == list(range(n_layers)):  # one forward per layer: no index tensor
                 sums = sums + rows
             else:
                 sums = sums.index_add(0, torch.tensor(layer_index, device=rows.device), rows)
-            self._usage[group] = sums
-            for i, r in items:
-                self._usage_count[group][i] += r.count
+            self._usage[name] = sums
+            for i, r in zip(layer_index, records, strict=True):
+                self._usage_count[name][i] += r.counts[index]
 
 
 def _layer_statistics(records: list[LayerRecord]) -> dict[str, torch.Tensor]:
@@ -260,16 +263,16 @@ def _layer_statistics(records: list[LayerRecord]) -> dict[str, torch.Tensor]:
     """
     stats = {}
     for group in _LOGGED_MODALITIES:
-        present = [r[group] for r in records if group in r and r[group].count > 0]
-        if not present:
+        usage = stack_group(records, group, "usage")
+        if usage is None:
             continue
-        usage = torch.stack([r.usage.float() for r in present])
         # Mixing weights sum to one per token, so a row's sum is its token count.
-        p = usage / usage.sum(-1, keepdim=True)
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
-        stats[f"expert_entropy/{group}"] = entropy.mean()
-        contribution = torch.stack([r.contribution.detach().float() for r in present])
-        stats[f"contribution/{group}"] = contribution.mean()
+        p = usage.float() / usage.float().sum(-1, keepdim=True)
+        stats[f"expert_entropy/{group}"] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        present = [r for r in records if r.counts[r.groups.index(group)] > 0]
+        index = present[0].groups.index(group)
+        contribution = torch.stack([r.contribution for r in present])[:, index]
+        stats[f"contribution/{group}"] = contribution.detach().float().mean()
     return stats
 
 
