@@ -262,8 +262,9 @@ class Reallocator:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
         # Per sample, only its own selected rows take the biased result (the union of rows may
         # hold another sample's padding rows, whose fully masked output SDPA defines differently).
-        rows = out[:, plan.index]
-        out[:, plan.index] = torch.where(plan.own_rows, out_rows, rows)
+        if not plan.all_own:
+            out_rows = torch.where(plan.own_rows, out_rows, out[:, plan.index])
+        out[:, plan.index] = out_rows
         return out, None
 
     def _plan_for(
@@ -410,6 +411,7 @@ class _Plan:
         # With every head selected, one mask row serves all heads.
         self.selected_rows = self.selected[:, :1] if all_heads else self.selected
         self.own_rows = rows[:, index, None, None]  # (B, U, 1, 1), output layout
+        self.all_own = bool(self.own_rows.all())
         dead = ~self.visible.any(-1)  # (B, 1, U)
         self.dead_rows = dead.transpose(1, 2)[..., None] if bool(dead.any()) else None
         self._cache: dict[str, Any] = {}
