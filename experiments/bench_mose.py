@@ -280,15 +280,16 @@ def main(argv: list[str] | None = None) -> int:
         f"hidden={args.hidden} layers={args.layers} batch={args.batch} seq={seq} "
         f"(visual {args.visual}, audio {args.audio}, text {args.text}) lora_r={args.rank} "
         f"experts={args.experts} text_mode={args.text_mode} top_k={args.top_k} "
+        f"gate_loss=({args.balance_weight}, {args.modality_balance_weight}) "
         f"steps={args.steps} (median after {args.warmup} warm-up)"
     )
-    header = f"{'variant':<11} {'trainable':>10} {'step ms':>9} {'x LoRA':>7} "
+    header = f"{'variant':<13} {'trainable':>10} {'step ms':>9} {'x LoRA':>7} "
     header += f"{'peak MiB':>9} {'x LoRA':>7}"
     print(header)
     for v in variants:
         r = results[v]
         print(
-            f"{v:<11} {r['trainable']:>10,} {r['step_ms']:>9.2f} "
+            f"{v:<13} {r['trainable']:>10,} {r['step_ms']:>9.2f} "
             f"{r['step_ms'] / base['step_ms']:>7.2f} {r['peak_mib']:>9.1f} "
             f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):>7.2f}"
         )
