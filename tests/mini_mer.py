@@ -79,17 +79,22 @@ def write_empty_audio_track(path: Path) -> Path:
     return path
 
 
-def save_encoders(folder: Path, seed: int = 0) -> dict[str, Path]:
+#: The tiny HuBERT with the real one's 320-sample hop (50 frames/s): cheap on long real clips.
+SSL_HOP320 = dict(SSL_LAYER, conv_dim=(16, 16, 16), conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8))
+
+
+def save_encoders(folder: Path, seed: int = 0, audio_config: dict | None = None) -> dict[str, Path]:
     """Tiny random ViT, CLIP vision and layer-norm HuBERT saved as local checkpoint folders.
 
     Layer-norm HuBERT (as HuBERT-large) makes a padded clip's feature equal the clip's own, so
-    batched extraction and online encoding agree.
+    batched extraction and online encoding agree. ``audio_config`` replaces its config.
     """
     torch.manual_seed(seed)
     dirs = {"vit": folder / "vit", "clip": folder / "clip", "hubert": folder / "hubert"}
     VisualEncoder("vit", config=VISION).model.save_pretrained(dirs["vit"])
     VisualEncoder("clip", config=VISION).model.save_pretrained(dirs["clip"])
-    AudioEncoder("hubert", config=SSL_LAYER).model.save_pretrained(dirs["hubert"])
+    hubert = AudioEncoder("hubert", config=audio_config or SSL_LAYER)
+    hubert.model.save_pretrained(dirs["hubert"])
     return dirs
 
 

@@ -412,3 +412,34 @@ def test_bad_input_raises_naming_file_and_field_or_is_skipped_and_listed(tmp_pat
         assert name not in {r.name for r in data.datasets["test"].records}
     else:
         assert kept == set(train + test) - {name}
+
+
+# ---------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("mer2023", "MER2023DataModule"), ("dfew", "DFEWDataModule"), ("emer", "EMERDataModule")],
+)
+def test_data_configs_compose_with_the_default_config(workdir, capsys, name, cls):
+    import yaml
+
+    from src.cli import main
+    from tests.conftest import REPO
+
+    data = REPO / "conf" / "data" / f"{name}.yaml"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "conf/default.yaml"),
+                "--data",
+                str(data),
+                "--print_config",
+            ]
+        )
+    config = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert config["class_path"].endswith(cls)
+    assert config["init_args"]["root"].startswith("/data/")  # a placeholder the user sets
+    assert "synthetic" not in config["init_args"]

@@ -20,6 +20,7 @@ from src.models.emotion_module import EmotionLLMModule
 from tests.conftest import REPO, TINY_CONFIG
 from tests.mini_mer import (
     BROKEN,
+    SSL_HOP320,
     STREAMS,
     load_encoders,
     save_encoders,
@@ -235,7 +236,7 @@ def test_online_encoders_on_the_real_clips(realdata, workdir):
     from src.data.tokenizer import build_word_tokenizer
 
     mini = realdata / "mer2023-mini"
-    dirs = save_encoders(workdir / "encoders")
+    dirs = save_encoders(workdir / "encoders", audio_config=SSL_HOP320)
     root = workdir / "store"
     words = (mini / "transcription.csv").read_text(encoding="utf-8").split()
     build_word_tokenizer([*PROMPT_WORDS, *words, *MER2023.labels], root / "tokenizer")
@@ -299,3 +300,13 @@ def test_extract_from_a_clip_folder(workdir, capsys):
     with pytest.raises(SystemExit):
         main(["extract", "--encoders", "{}"])  # neither --data nor --clips
     assert "exactly one of --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mer2023.yaml", "clips_tiny.yaml"])
+def test_extract_example_configs_parse(name):
+    from src.commands.extract import build_parser
+
+    cfg = build_parser().parse_args(["--config", str(REPO / "conf" / "extract" / name)])
+    assert set(cfg.encoders) >= {"face", "audio"}
+    if name == "mer2023.yaml":
+        assert cfg.data.class_path.endswith("MER2023DataModule") and cfg.device == "cuda"
