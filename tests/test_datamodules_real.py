@@ -169,6 +169,14 @@ def test_dfew_dfer_clip_fold_with_the_real_test_split(realdata, tmp_path):
     assert len(test) == len(lines) and Counter(r.label for r in test) == expected
     assert all(len(r.name) == 5 and r.name.isdigit() for r in test)
     assert Counter(r.split for r in records if r.split != "test") == {"train": 18, "val": 3}
+    # The same fold in MAE-DFER's form (`split01/test.csv`, `<path>/<id> <label0>`).
+    mae = tmp_path / "mae" / "split01"
+    mae.mkdir(parents=True)
+    (mae / "test.csv").symlink_to(realdata / "dfew" / "mae-dfer_split01_test.csv")
+    (mae / "train.csv").write_text("".join(f"/x/{90000 + i} {i % 7}\n" for i in range(21)))
+    mae_data = DFEWDataModule(str(tmp_path), fold=1, protocol="mae-dfer", split_dir="mae")
+    mae_test = {r.name: r.label for r in mae_data.load_records() if r.split == "test"}
+    assert mae_test == {r.name: r.label for r in test}
     # A clip in both the train and the test file of a fold is refused, naming both files.
     clash = lines[0][0].rsplit("/", 1)[1]
     (tmp_path / "DFEW_set_1_train.txt").write_text(train + f"/x/{clash} 10 0\n")
