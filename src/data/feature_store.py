@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.data.safe_paths import path_inside, unsafe_name_reason
 from src.data.streams import StreamSpec
 
 
@@ -30,8 +31,13 @@ class FeatureStore:
         self.streams = list(streams)
 
     def path(self, stream: StreamSpec, name: str) -> Path:
-        """Where the feature of ``name`` for ``stream`` lives."""
-        return self.root / stream.feature_dir / f"{name}.npy"
+        """Where the feature of ``name`` for ``stream`` lives; raises :class:`FeatureFileError`
+        (field ``name``) when ``name`` would lead outside the stream's folder."""
+        path, problem = path_inside(self.root / stream.feature_dir, f"{name}.npy")
+        problem = unsafe_name_reason(name) or problem  # the bare name: "..", "." are refused too
+        if problem is not None:
+            raise FeatureFileError(path, "name", problem)
+        return path
 
     def load(self, name: str) -> dict[str, np.ndarray]:
         """All streams' vectors of sample ``name`` as float32 ``(dim,)`` arrays, checked."""

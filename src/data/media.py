@@ -16,6 +16,8 @@ import soundfile as sf
 import torch
 from torchvision.transforms import v2
 
+from src.data.safe_paths import path_inside, unsafe_name_reason
+
 #: Target audio sample rate of every audio encoder here (HuBERT, wav2vec2, Whisper).
 SAMPLE_RATE = 16_000
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -57,9 +59,14 @@ class MediaInfo:
 
 def find_clip(directory: str | Path, name: str, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> Path:
     """``<directory>/<name><suffix>`` for the first suffix that exists (Emotion-LLaMA tries .mp4
-    then .avi); raises :class:`MediaDecodeError` (field ``path``) listing what was tried."""
+    then .avi); raises :class:`MediaDecodeError` (field ``path``) listing what was tried, or
+    (field ``name``) when ``name`` would lead outside ``directory``."""
     tried = [Path(directory) / f"{name}{suffix}" for suffix in suffixes]
     for path in tried:
+        _, problem = path_inside(directory, path.name)
+        problem = unsafe_name_reason(name) or problem
+        if problem is not None:
+            raise MediaDecodeError(path, "name", problem)
         if path.is_file():
             return path
     raise MediaDecodeError(

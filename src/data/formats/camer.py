@@ -29,6 +29,7 @@ from src.data.formats._common import (
 )
 from src.data.label_space import LabelSpace
 from src.data.records import SPLITS, SUBSETS, SampleRecord
+from src.data.safe_paths import unsafe_name_reason
 from src.data.skip_report import SkipReport
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -108,6 +109,8 @@ def write_manifest(path: str | Path, records: Iterable[SampleRecord]) -> Path:
         where = f"{path}: sample {r.name!r}"
         if not r.name or r.name in seen:
             raise ValueError(f"{where}: field 'name': empty or duplicate name")
+        if unsafe_name_reason(r.name):
+            raise ValueError(f"{where}: field 'name': {unsafe_name_reason(r.name)}")
         seen.add(r.name)
         if r.split not in SPLITS:
             raise ValueError(f"{where}: field 'split': {r.split!r} is not one of {SPLITS}")
@@ -156,8 +159,8 @@ def read_manifest(
             policy.reject("<row>", str(problem), line=line, name=None)
             continue
         name = row["name"]
-        if not name:
-            policy.reject("name", "empty name", line=line, name=None)
+        if unsafe_name_reason(name):
+            policy.reject("name", str(unsafe_name_reason(name)), line=line, name=None)
             continue
         if row["split"] not in SPLITS:
             policy.reject("split", f"{row['split']!r} is not one of {SPLITS}", line=line, name=name)
@@ -259,6 +262,9 @@ def read_subset_json(
             policy.reject(
                 "name", f"{where} has no name ({JSON_KEYS['name']})", line=None, name=None
             )
+            continue
+        if unsafe_name_reason(name):
+            policy.reject("name", f"{where}: {unsafe_name_reason(name)}", line=None, name=None)
             continue
         labels: dict[str, str | None] = {}
         for field in ("label", "video_label", "audio_label"):
