@@ -8,10 +8,13 @@ import importlib
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from src.commands.registry import EXTRA_COMMANDS
+from src.models.checkpoint_io import use_safe_checkpoint_io
 from src.tracking.config_artifact import LogConfigToMLflow
+from src.tracking.mlflow_logger import check_logger_config
+from src.tracking.resume import resolve_config_checkpoint, resume_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -33,6 +36,33 @@ class MoSEARCLI(LightningCLI):
             default=True,
             help="After fit, test the best checkpoint (by validation) on the test split.",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Before anything is built: `--ckpt_path last` becomes the newest last.ckpt under
+        # default_root_dir, and the checkpoint is loaded weights-only (a crafted pickle is
+        # refused with a clear message). See src/tracking/resume.py.
+        self._checkpoint_run_id = resolve_config_checkpoint(self.config)
+
+    def before_instantiate_classes(self) -> None:
+        # An unreachable or locked tracking backend stops the run before data and model exist.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and config.get("trainer") is not None:
+            check_logger_config(config["trainer"].get("logger"))
+
+    def before_fit(self) -> None:
+        use_safe_checkpoint_io(self.trainer.strategy)
+        # A resumed fit logs into the MLflow run its checkpoint came from.
+        resume_logging(self.trainer, self._checkpoint_run_id)
+
+    def before_validate(self) -> None:
+        use_safe_checkpoint_io(self.trainer.strategy)
+
+    def before_test(self) -> None:
+        use_safe_checkpoint_io(self.trainer.strategy)
+
+    def before_predict(self) -> None:
+        use_safe_checkpoint_io(self.trainer.strategy)
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:

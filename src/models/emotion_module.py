@@ -14,7 +14,8 @@ from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone
 from src.models.multimodal_llm import MultimodalEmotionLLM
 from src.models.online_features import encode_media
-from src.tracking.artifacts import log_figure, log_rows
+from src.models.step_faults import locate_out_of_memory, step_location
+from src.tracking.artifacts import log_figure, log_rows, mlflow_logger
 
 
 class EmotionLLMModule(L.LightningModule):
@@ -101,6 +102,16 @@ class EmotionLLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Out of memory here or in `backward` is re-raised naming the step and the batch.
+        self._step_where = step_location(self.global_step, batch_idx, batch["names"])
+        with locate_out_of_memory(self._step_where, "forward"):
+            return self._training_step(batch, batch_idx)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with locate_out_of_memory(getattr(self, "_step_where", "an unknown step"), "backward"):
+            super().backward(loss, *args, **kwargs)
+
+    def _training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         batch = self.encode_batch(batch)
         self.adapter.on_train_batch_start(self.model, batch, self.global_step)
         lm_loss = self.model.lm_loss(batch)
@@ -184,6 +195,10 @@ class EmotionLLMModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
+        # The MLflow run of this training: `fit --ckpt_path` resumes logging into it.
+        logger = mlflow_logger(self.trainer)
+        if logger is not None and logger.run_id is not None:
+            checkpoint["mlflow_run_id"] = logger.run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -1,10 +1,19 @@
 """MLflow logging with an sqlite store by default (recent MLflow refuses the plain file store)."""
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from mlflow.exceptions import MlflowException
+
+from src.tracking.backend_check import (
+    TrackingBackendError,
+    check_tracking_backend,
+    ensure_experiment,
+)
 
 DEFAULT_MLFLOW_DIR = "mlruns"
 
@@ -14,6 +23,36 @@ def default_tracking_uri(directory: str | Path = DEFAULT_MLFLOW_DIR) -> str:
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None, save_dir: str | Path) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the sqlite store in ``save_dir``."""
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return str(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        return default_tracking_uri(save_dir)
+    except OSError as err:
+        raise TrackingBackendError(
+            f"sqlite:///{save_dir}/mlflow.db", f"cannot create the folder ({err})"
+        ) from None
+
+
+def check_logger_config(logger: Any) -> None:
+    """Probe the backend of each :class:`MosearMLFlowLogger` in a LightningCLI ``trainer.logger``
+    value (a ``class_path``/``init_args`` namespace, or a list of them) before anything is built:
+    the CLI calls this first, so a bad backend stops the run before data and model are made."""
+    for entry in logger if isinstance(logger, list) else [logger]:
+        class_path = getattr(entry, "class_path", None)
+        if not class_path or rank_zero_only.rank != 0:
+            continue
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, MosearMLFlowLogger)):
+            continue
+        args = entry.get("init_args") or {}
+        if args.get("check_backend", True):
+            uri = resolve_tracking_uri(args.get("tracking_uri"), args.get("save_dir") or "mlruns")
+            check_tracking_backend(uri, float(args.get("backend_timeout", 5.0)))
 
 
 class MosearMLFlowLogger(MLFlowLogger):
@@ -29,6 +68,9 @@ class MosearMLFlowLogger(MLFlowLogger):
         tags: Run tags (for example ``method: mosear``, ``seed: 0``) used by ``compare``.
         log_model: Lightning's option to upload checkpoints as artifacts.
         run_id: Resume logging into this existing run.
+        check_backend: Probe the backend now (unreachable or locked -> a clear error before any
+            training) and create the experiment under a lock (concurrent runs on one store).
+        backend_timeout: Seconds the probe waits for a lock or an answer.
     """
 
     def __init__(
@@ -41,14 +83,26 @@ class MosearMLFlowLogger(MLFlowLogger):
         tags: dict[str, Any] | None = None,
         log_model: Literal[True, False, "all"] = False,
         run_id: str | None = None,
+        check_backend: bool = True,
+        backend_timeout: float = 5.0,
     ) -> None:
-        tracking_uri = (
-            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(save_dir)
-        )
+        tracking_uri = resolve_tracking_uri(tracking_uri, save_dir)
         if artifact_location is None and tracking_uri.startswith("sqlite:"):
             artifact_dir = Path(save_dir).resolve() / "artifacts"
-            artifact_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                artifact_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise TrackingBackendError(
+                    tracking_uri, f"cannot create {artifact_dir} ({err})"
+                ) from None
             artifact_location = artifact_dir.as_uri()
+        # Before the base class builds its client (which already opens the store): rank zero
+        # only, the other ranks never write to the store.
+        experiment_id = None
+        if check_backend and rank_zero_only.rank == 0:
+            check_tracking_backend(tracking_uri, backend_timeout)
+            if run_id is None:
+                experiment_id = ensure_experiment(tracking_uri, experiment_name, artifact_location)
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -59,6 +113,37 @@ class MosearMLFlowLogger(MLFlowLogger):
             artifact_location=artifact_location,
             run_id=run_id,
         )
+        self._experiment_id = experiment_id
+
+    def resume(self, run_id: str) -> None:
+        """Log into the existing run ``run_id`` (``fit --ckpt_path`` of an interrupted run).
+
+        Must be called before anything is logged. The run is marked ``RUNNING`` again. When the
+        store does not have that run (a checkpoint copied from another machine), a warning is
+        given and a new run is started, tagged ``mosear.resumed_from_run``.
+        """
+        if self._run_id == run_id:
+            return
+        if self._initialized or self._run_id is not None:
+            raise RuntimeError(
+                f"cannot resume MLflow run {run_id}: this logger already uses run {self._run_id}"
+                " (drop trainer.logger.init_args.run_id, or resume from that run's checkpoint)"
+            )
+        if rank_zero_only.rank == 0:
+            try:
+                run = self._mlflow_client.get_run(run_id)
+            except MlflowException:
+                run = None
+            if run is None or run.info.lifecycle_stage == "deleted":
+                rank_zero_warn(
+                    f"the checkpoint belongs to MLflow run {run_id}, which {self._tracking_uri} "
+                    "does not have (or has deleted): logging the resumed training to a new run"
+                )
+                self.tags = {**(self.tags or {}), "mosear.resumed_from_run": run_id}
+                return
+            if run.info.status != "RUNNING":
+                self._mlflow_client.update_run(run_id, status="RUNNING")
+        self._run_id = run_id
 
     @property
     def tracking_uri(self) -> str:

@@ -1,0 +1,167 @@
+"""Checkpoint files: loaded without running code, written atomically, ``last`` found on disk.
+
+A Lightning checkpoint is a pickle. Unpickling an arbitrary object can run arbitrary code, so
+every checkpoint is loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+plain containers only. A file holding anything else is refused with
+:class:`UnsafeCheckpointError`, naming the file and the offending object; a truncated or corrupt
+file gets :class:`CorruptCheckpointError`.
+
+:class:`SafeCheckpointIO` is the trainer's checkpoint plugin (the CLI installs it in place of
+Lightning's default): it loads that way whatever ``weights_only`` the caller asked for, and
+saves through a temporary file in the target's folder renamed over the target, so a kill during
+the save leaves the previous checkpoint whole.
+"""
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.utils import get_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+#: Names ModelCheckpoint gives its "last" checkpoint (``last.ckpt``, ``last-v1.ckpt``, ...).
+LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")
+
+# Boilerplate lines of torch's weights-only error, left out of our message.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds pickled objects other than tensors and plain containers."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is empty, truncated or not a checkpoint at all."""
+
+
+def _is_local(path: Any) -> bool:
+    return get_protocol(str(path)) == "file"
+
+
+def _torch_detail(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_TORCH_BOILERPLATE)]
+    return " ".join(kept) or type(err).__name__
+
+
+def load_checkpoint_safely(
+    path: str | Path, map_location: Any = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and say why.
+
+    Args:
+        path: The checkpoint file.
+        map_location: Where tensors go (see :func:`torch.load`).
+        mmap: Map the file instead of reading it (a cheap look at a large checkpoint; ignored
+            for files not in torch's zip format).
+
+    Raises:
+        FileNotFoundError: No such file.
+        UnsafeCheckpointError: The file holds objects that unpickling would have to construct
+            by running code (e.g. a crafted ``__reduce__``), or is not a weights-only pickle.
+        CorruptCheckpointError: Empty, truncated or garbled file, or not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CorruptCheckpointError(f"{path}: the checkpoint file is empty (0 bytes)")
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load this checkpoint: it holds pickled objects other than "
+            f"tensors and plain containers ({_torch_detail(err)}). Loading such a file can run "
+            "arbitrary code, so checkpoints are only ever read with weights_only=True. If you "
+            "made the file yourself, re-save its tensors as a plain state dict."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CorruptCheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {_torch_detail(err)}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CorruptCheckpointError(
+            f"{path}: a checkpoint must hold a dict, found {type(checkpoint).__name__}"
+        )
+    return checkpoint
+
+
+def find_last_checkpoint(root: str | Path) -> Path:
+    """The newest ``last.ckpt`` (or ``last-vN.ckpt``) anywhere under ``root``, by mtime.
+
+    Raises ``FileNotFoundError`` saying where it looked when there is none.
+    """
+    root = Path(root)
+    found = [p for p in root.rglob("*.ckpt") if LAST_CHECKPOINT.fullmatch(p.name) and p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last.ckpt under trainer.default_root_dir={root} (is "
+            "ModelCheckpoint(save_last=True) configured, and is default_root_dir the folder of "
+            "the run to resume?); give the checkpoint file instead"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_checkpoint_path(ckpt_path: str | Path, root: str | Path) -> Path | str:
+    """``last`` -> :func:`find_last_checkpoint`; a file path is checked to exist; other special
+    values of Lightning (``best``, ``hpc``, ``registry``) are returned unchanged."""
+    if ckpt_path == "last":
+        return find_last_checkpoint(root)
+    if str(ckpt_path) in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return ckpt_path
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {path}")
+    return path
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, loading weights-only and saving atomically."""
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not _is_local(path):
+            # Remote files: Lightning's loader, still restricted to weights.
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        location = map_location if map_location is not None else "cpu"
+        return load_checkpoint_safely(path, location)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A temporary file beside the target (same file system), renamed over it: readers and a
+        # resumed run see the previous checkpoint or the new one, never half of one.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def use_safe_checkpoint_io(strategy: Any) -> None:
+    """Make ``strategy`` (a trainer's) load and save through :class:`SafeCheckpointIO`.
+
+    Only Lightning's default :class:`TorchCheckpointIO` is replaced (also inside a wrapping IO
+    such as ``AsyncCheckpointIO``); a custom plugin chosen by the user is left alone.
+    """
+    io = strategy.checkpoint_io
+    if type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = SafeCheckpointIO()
+    elif type(getattr(io, "checkpoint_io", None)) is TorchCheckpointIO:
+        io.checkpoint_io = SafeCheckpointIO()
