@@ -172,6 +172,8 @@ class EmotionLLMModule(L.LightningModule):
             "labels": batch["labels"],
             "scores": scores,
             "texts": texts,
+            # Encoded once here; writers reuse them (e.g. ClipReportWriter's unimodal passes).
+            "features": batch["features"],
         }
 
     # ----------------------------------------------------------------------------- hooks
@@ -190,19 +192,27 @@ class EmotionLLMModule(L.LightningModule):
         for name, figure in self.adapter.figures().items():
             log_figure(self.trainer, figure, name)
 
+    def _checkpoint_keys(self) -> set[str]:
+        """What a checkpoint holds: trainable parameters and the adapter modules' own buffers
+        (e.g. MoSE's dominance-driven modality weights), never the frozen backbone."""
+        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        adapter_modules = {id(m) for m in self.adapter.trainable_modules(self.model)}
+        owners = {name for name, module in self.named_modules() if id(module) in adapter_modules}
+        # Only persistent buffers are in a state dict; those of adapter modules are kept.
+        buffers = {n for n, _ in self.named_buffers()}
+        keys |= {k for k in self.state_dict() if k in buffers and k.rsplit(".", 1)[0] in owners}
+        return keys
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
+        keep = self._checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # The MLflow run of this training: `fit --ckpt_path` resumes logging into it.
         logger = mlflow_logger(self.trainer)
         if logger is not None and logger.run_id is not None:
             checkpoint["mlflow_run_id"] = logger.run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(
                 f"checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. "
