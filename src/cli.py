@@ -11,7 +11,7 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from src.commands.registry import EXTRA_COMMANDS
-from src.models.checkpoint_io import use_safe_checkpoint_io
+from src.models.checkpoint_io import check_checkpoint_fits, use_safe_checkpoint_io
 from src.tracking.config_artifact import LogConfigToMLflow
 from src.tracking.mlflow_logger import check_logger_config
 from src.tracking.resume import resolve_config_checkpoint, resume_logging
@@ -51,18 +51,26 @@ class MoSEARCLI(LightningCLI):
             check_logger_config(config["trainer"].get("logger"))
 
     def before_fit(self) -> None:
-        use_safe_checkpoint_io(self.trainer.strategy)
+        self._prepare_checkpoint_loading()
         # A resumed fit logs into the MLflow run its checkpoint came from.
         resume_logging(self.trainer, self._checkpoint_run_id)
 
     def before_validate(self) -> None:
-        use_safe_checkpoint_io(self.trainer.strategy)
+        self._prepare_checkpoint_loading()
 
     def before_test(self) -> None:
-        use_safe_checkpoint_io(self.trainer.strategy)
+        self._prepare_checkpoint_loading()
 
     def before_predict(self) -> None:
+        self._prepare_checkpoint_loading()
+
+    def _prepare_checkpoint_loading(self) -> None:
+        # Weights-only loading and atomic saves; a checkpoint of another model config is refused
+        # naming the file, the tensor and both shapes.
         use_safe_checkpoint_io(self.trainer.strategy)
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_fits(self.model, ckpt_path)
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:

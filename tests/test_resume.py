@@ -177,5 +177,7 @@ def test_checkpoint_names_the_run_that_a_resumed_fit_logs_into(workdir):
 
 def test_the_cli_installs_safe_checkpoint_io(workdir):
     config = str(tiny_config(workdir))
-    cli = main(["fit", "--config", config, "--trainer.max_epochs", "0", "--test_after_fit", "0"])
+    cli = main(
+        ["fit", "--config", config, "--trainer.max_epochs", "0", "--test_after_fit", "false"]
+    )
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from src.data.collate import EmotionCollator
 from src.data.dataset import FeatureDataset, MediaDataset, task_target
 from src.data.feature_store import FeatureFileError, FeatureStore
-from src.data.formats._common import FormatError
+from src.data.formats._common import FormatError, utf8_errors
 from src.data.label_space import LabelSpace, get_label_space
 from src.data.media import MediaDecodeError
 from src.data.media_source import MediaLoader, MediaSpec, media_needs
@@ -33,7 +33,7 @@ def read_subtitles(path: str | Path, column: str = "english") -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subtitle file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
+    with utf8_errors(path), path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if "name" not in fields or column not in fields:

@@ -46,7 +46,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             "from local directories: download the checkpoint (e.g. `huggingface-cli download <id> "
             "--local-dir <dir>` on a machine with network) and set the config to that directory."
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:  # missing, empty or corrupt tokenizer files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: cannot load a tokenizer from this directory ({reason})") from err
     if tokenizer.pad_token is None:
         # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

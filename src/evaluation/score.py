@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser
 
+from src.data.formats._common import utf8_errors
 from src.data.label_space import LABEL_SPACES, MER2023, LabelSpace, get_label_space
 from src.data.records import SUBSETS
 from src.evaluation.prediction_writer import atomic_open
@@ -127,7 +128,7 @@ def _cell(row: dict[str, str], key: str) -> str | None:
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
         return list(reader.fieldnames or []), rows

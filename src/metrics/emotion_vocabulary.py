@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.data.formats._common import utf8_errors
+
 # A small built-in vocabulary so that extraction works without format.csv. Written for this
 # project (not copied from MER2025): common emotion words with their usual inflections.
 # Canonical words of the closed label spaces keep the spelling used in src/data/label_space.py.
@@ -163,7 +165,7 @@ class EmotionVocabulary:
         if not path.is_file():
             raise FileNotFoundError(f"emotion vocabulary {path} does not exist")
         rows: dict[str, tuple[str, ...]] = {}
-        with path.open(newline="", encoding="utf-8") as handle:
+        with utf8_errors(path), path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = {"name", "format"} - set(reader.fieldnames or ())
             if missing:
@@ -195,7 +197,7 @@ class EmotionVocabulary:
             synonyms = Path(synonyms)
             try:
                 groups = json.loads(synonyms.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as err:
+            except (OSError, ValueError) as err:  # JSON or UTF-8 decoding
                 raise ValueError(f"{synonyms}: cannot read synonym groups: {err}") from err
             if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
                 raise ValueError(f"{synonyms}: synonym groups must be a JSON list of lists")

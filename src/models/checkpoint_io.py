@@ -39,6 +39,10 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file is empty, truncated or not a checkpoint at all."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model (another architecture or config)."""
+
+
 def _is_local(path: Any) -> bool:
     return get_protocol(str(path)) == "file"
 
@@ -90,6 +94,31 @@ def load_checkpoint_safely(
             f"{path}: a checkpoint must hold a dict, found {type(checkpoint).__name__}"
         )
     return checkpoint
+
+
+def check_checkpoint_fits(module: torch.nn.Module, path: str | Path) -> None:
+    """Check, before Lightning loads it, that the checkpoint's ``state_dict`` holds tensors of
+    the module's shapes; the error names the file, the key and both shapes.
+
+    Keys the module does not have are left to the module (``strict_loading``), as are keys it
+    needs but the checkpoint lacks (``on_load_checkpoint``).
+    """
+    checkpoint = load_checkpoint_safely(path, mmap=True)
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path}: field 'state_dict' is missing or not a dict")
+    own = module.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CorruptCheckpointError(
+                f"{path}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor"
+            )
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointMismatchError(
+                f"{path}: state_dict[{key!r}] has shape {tuple(value.shape)} but the model's is "
+                f"{tuple(own[key].shape)}: the checkpoint was made with another model config "
+                "(adapter rank, projector, streams, backbone size?)"
+            )
 
 
 def find_last_checkpoint(root: str | Path) -> Path:

@@ -4,6 +4,7 @@ import csv
 import errno
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -104,9 +105,22 @@ def require_file(path: str | Path, what: str = "annotation file") -> Path:
     return path
 
 
+@contextmanager
+def utf8_errors(path: str | Path) -> Iterator[None]:
+    """Turn a decoding failure while reading ``path`` into a :class:`FormatError` naming it
+    (field ``<encoding>``): a corrupt or binary file must not surface as a bare codec error."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 4]
+        raise FormatError(
+            path, "<encoding>", f"not UTF-8 text ({err.reason} at bytes {bad!r}): corrupt file?"
+        ) from None
+
+
 def read_header(path: Path) -> list[str]:
     """The stripped column names of a CSV file's first row (``[]`` for an empty file)."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
         return [h.strip() for h in next(csv.reader(handle), [])]
 
 
@@ -119,7 +133,7 @@ def iter_csv_rows(
     when the row has the wrong number of fields, ``row`` is ``None`` and ``problem`` says why.
     Raises :class:`FormatError` for an empty file or a header without a required column.
     """
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         try:
             header = [h.strip() for h in next(reader)]
@@ -147,7 +161,7 @@ def iter_csv_rows(
 
 def iter_text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, whitespace-separated fields)`` for each non-empty line of a text file."""
-    with path.open(encoding="utf-8-sig") as handle:
+    with utf8_errors(path), path.open(encoding="utf-8-sig") as handle:
         for number, text in enumerate(handle, start=1):
             fields = text.split()
             if fields:

@@ -26,6 +26,7 @@ from src.data.formats._common import (
     iter_csv_rows,
     parse_label,
     require_file,
+    utf8_errors,
 )
 from src.data.label_space import LabelSpace
 from src.data.records import SPLITS, SUBSETS, SampleRecord
@@ -215,6 +216,18 @@ def _entries(path: Path, data: Any) -> list[tuple[int, dict[str, Any]]]:
     return list(enumerate(items, start=1))
 
 
+def _wrongly_typed(entry: dict[str, Any]) -> tuple[str, str] | None:
+    """``(field, why)`` for the first known key holding a list, object or boolean, else None."""
+    for field, keys in JSON_KEYS.items():
+        for key in keys:
+            value = entry.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, str | int | float)
+            ):
+                return field, f"{key!r} must be text, got {type(value).__name__} {value!r}"
+    return None
+
+
 def _pick(entry: dict[str, Any], field: str) -> str | None:
     for key in JSON_KEYS[field]:
         value = entry.get(key)
@@ -246,7 +259,8 @@ def read_subset_json(
         )
     check_split(split, str(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        with utf8_errors(path):
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise FormatError(path, "<json>", f"invalid JSON: {err}", line=err.lineno) from None
     policy = RowPolicy(path, on_error, report)
@@ -256,6 +270,10 @@ def read_subset_json(
         where = f"entry {index}"
         if not isinstance(entry, dict):
             policy.reject("<entry>", f"{where} is not an object", line=None, name=None)
+            continue
+        wrong = _wrongly_typed(entry)
+        if wrong is not None:
+            policy.reject(wrong[0], f"{where}: {wrong[1]}", line=None, name=None)
             continue
         name = _pick(entry, "name")
         if name is None:
