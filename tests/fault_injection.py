@@ -72,7 +72,11 @@ def cli(workdir: Path, *args: str, **env: str) -> subprocess.Popen:
 
 def finish(process: subprocess.Popen, timeout: float = 500) -> str:
     """Wait for a :func:`cli` process; assert it succeeded; return its output."""
-    out, _ = process.communicate(timeout=timeout)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
     assert process.returncode == 0, out[-4000:]
     return out
 

@@ -67,11 +67,18 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
         killed, "fit", "--config", str(configs[killed]), MOSEAR_TEST_HANG_MARKER=str(marker)
     )
     reference = cli(whole, "fit", "--config", str(configs[whole]))
-    wait_for(marker, victim)
-    # Killed in the middle of epoch 2: the last checkpoint is the end of epoch 1.
-    last = find_last_checkpoint(killed / "outputs")
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
+    try:
+        wait_for(marker, victim)
+        # Killed in the middle of epoch 2: the last checkpoint is the end of epoch 1.
+        last = find_last_checkpoint(killed / "outputs")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    except BaseException:
+        reference.kill()
+        raise
+    finally:
+        if victim.poll() is None:
+            victim.kill()
     assert victim.returncode == -signal.SIGKILL
     assert int(marker.read_text()) == 2 * STEPS_PER_EPOCH + 1
     checkpoint = load_checkpoint_safely(last)
