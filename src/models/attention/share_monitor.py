@@ -24,6 +24,8 @@ class ShareMonitor:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
         self.num_layers = num_layers
         self._state: torch.Tensor | None = None
+        # Per-row sums while a row record is open (see start_row_record); None otherwise.
+        self._rows: dict[int, torch.Tensor] | None = None
 
     def reset(self) -> None:
         """Forget everything accumulated."""
@@ -59,6 +61,49 @@ class ShareMonitor:
                 state += self._state.to(row.device)
             self._state = state
         self._state[layer] += row
+        if self._rows is not None:
+            self._record_rows(before, after, selected)
+
+    def start_row_record(self) -> None:
+        """Also keep sums per batch row of the following attention calls, until
+        :meth:`take_row_record` (the per-layer sums are kept as always).
+
+        A row is an index of the first dimension of :meth:`update`'s tensors (one sequence of
+        the forward), so a caller that knows how its batch was laid out can read per-sample
+        shares, e.g. one clip's share in a batch.
+        """
+        self._rows = {}
+
+    def take_row_record(self) -> dict[int, torch.Tensor]:
+        """The per-row sums since :meth:`start_row_record` and stop recording.
+
+        Returns:
+            ``rows -> (rows, 7)`` float64 sums over layers, heads and query rows (3 before, 3
+            after, count, as :meth:`state`), keyed by the number of rows of the forwards that
+            made them: forwards with the same row count (e.g. every decoding step) add up.
+        """
+        rows, self._rows = self._rows or {}, None
+        return rows
+
+    def _record_rows(
+        self, before: torch.Tensor, after: torch.Tensor, selected: torch.Tensor
+    ) -> None:
+        assert self._rows is not None
+        n = before.shape[0] if before.ndim > 1 else 1
+        sel = selected[..., None]
+        zero = before.new_zeros(())
+        sums = torch.cat(
+            [
+                torch.where(sel, before, zero).reshape(n, -1, before.shape[-1]).sum(1),
+                torch.where(sel, after, zero).reshape(n, -1, after.shape[-1]).sum(1),
+                selected.reshape(n, -1).sum(1, keepdim=True).to(before.dtype),
+            ],
+            dim=1,
+        ).to(torch.float64)
+        if n in self._rows:
+            self._rows[n] = self._rows[n] + sums.to(self._rows[n].device)
+        else:
+            self._rows[n] = sums
 
     def state(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The raw sums ``(num_layers, 7)``: 3 before, 3 after, count; for cross-process reduce."""
