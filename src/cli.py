@@ -57,12 +57,15 @@ class MoSEARCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._prepare_checkpoint_loading()
+        resume_logging(self.trainer, None)
 
     def before_test(self) -> None:
         self._prepare_checkpoint_loading()
+        resume_logging(self.trainer, None)
 
     def before_predict(self) -> None:
         self._prepare_checkpoint_loading()
+        resume_logging(self.trainer, None)
 
     def _prepare_checkpoint_loading(self) -> None:
         # Weights-only loading and atomic saves; a checkpoint of another model config is refused
@@ -101,20 +104,23 @@ def main(args: list[str] | None = None) -> MoSEARCLI | int:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return _run_extra(argv[0], argv[1:])
+    argv = _with_default_config(argv)
+    if args is None:
+        # From the shell: keep sys.argv complete (with the default config), since the DDP
+        # launcher restarts this same command line in its worker processes.
+        sys.argv[1:] = argv
     return MoSEARCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LogConfigToMLflow,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+"},
-        args=_with_default_config(argv),
+        args=None if args is None else argv,
         auto_configure_optimizers=False,
     )
 
 
 if __name__ == "__main__":
-    # Hand argv over explicitly (LightningCLI warns when it sees both args and sys.argv).
-    cli_args, sys.argv = sys.argv[1:], sys.argv[:1]
-    result = main(cli_args)
+    result = main()
     if isinstance(result, int):
         sys.exit(result)

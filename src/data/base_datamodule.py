@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -272,8 +273,10 @@ class EmotionDataModule(L.LightningDataModule):
         unrepeated sampler: the default one pads ranks with repeated samples, which would make a
         2-process test differ from a 1-process test.
         """
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        # The process group is up by the time Lightning asks for dataloaders.
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if shuffle:
             return DistributedSampler(
                 dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.shuffle_seed

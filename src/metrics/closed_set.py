@@ -208,7 +208,9 @@ class EmotionMetrics(Metric):
         in_subset = subset_idx >= 0
         flat = torch.cat([cell, (subset_idx[in_subset] + 1) * c * (c + 1) + cell[in_subset]])
         counts = torch.bincount(flat, minlength=self.confmat.numel())
-        self.confmat += counts.view_as(self.confmat)
+        # Out of place: under ddp_spawn on CPU the initial state tensor is shared memory between
+        # the worker processes, and an in-place add would count every rank's samples twice.
+        self.confmat = self.confmat + counts.view_as(self.confmat)
 
     def compute(self) -> dict[str, Tensor]:
         """The metrics described in the class docstring (scalar CPU tensors)."""

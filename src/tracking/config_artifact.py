@@ -18,6 +18,13 @@ class LogConfigToMLflow(SaveConfigCallback):
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every rank learns the run id (rank zero opened the run before the workers started).
+        logger = mlflow_logger(trainer)
+        if logger is not None and hasattr(logger, "share_run_id"):
+            logger.share_run_id(trainer.strategy)
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         logger = mlflow_logger(trainer)
         if logger is None:

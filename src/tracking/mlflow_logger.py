@@ -145,6 +145,22 @@ class MosearMLFlowLogger(MLFlowLogger):
                 self._mlflow_client.update_run(run_id, status="RUNNING")
         self._run_id = run_id
 
+    def start_run(self) -> None:
+        """Create (or open) the MLflow run now, in this process.
+
+        Called in the launching process before ``ddp_spawn`` starts its workers, so the workers
+        and the test after fit log into this one run instead of each making their own.
+        """
+        if rank_zero_only.rank == 0:
+            _ = self.experiment
+
+    def share_run_id(self, strategy: Any) -> str | None:
+        """Broadcast rank zero's run id so every rank knows it (a collective: call on all)."""
+        run_id = strategy.broadcast(self._run_id if rank_zero_only.rank == 0 else None, src=0)
+        if run_id is not None:
+            self._run_id = run_id
+        return run_id
+
     @property
     def tracking_uri(self) -> str:
         """The tracking URI this logger writes to."""

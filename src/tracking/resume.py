@@ -51,7 +51,10 @@ def resolve_config_checkpoint(config: Any) -> str | None:
 
 
 def resume_logging(trainer: L.Trainer, run_id: str | None) -> None:
-    """Make the trainer's MLflow logger log into ``run_id`` (no-op without either)."""
+    """Make the trainer's MLflow logger log into ``run_id`` (no-op without either), then open
+    the run in this process (see :meth:`MosearMLFlowLogger.start_run`)."""
     logger = mlflow_logger(trainer)
     if run_id and logger is not None and hasattr(logger, "resume"):
         logger.resume(run_id)
+    if logger is not None and hasattr(logger, "start_run"):
+        logger.start_run()
