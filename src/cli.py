@@ -104,6 +104,12 @@ def main(args: list[str] | None = None) -> MoSEARCLI | int:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return _run_extra(argv[0], argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, EXTRA_COMMANDS))
+        print("extra commands (python -m src.cli <command> --help):")
+        for name, (_, help_text) in EXTRA_COMMANDS.items():
+            print(f"  {name:<{width}}  {help_text}")
+        print()
     argv = _with_default_config(argv)
     if args is None:
         # From the shell: keep sys.argv complete (with the default config), since the DDP

@@ -40,13 +40,10 @@ def tiny_config(
     ``last.ckpt`` is written at every epoch end (:data:`RESUME_CHECKPOINT`)."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["trainer"].update(trainer or {})
-    existing = config["trainer"]["callbacks"]
+    # The tiny config already writes last.ckpt every epoch (RESUME_CHECKPOINT): Lightning 2.6
+    # refreshes a monitored checkpoint's last.ckpt only when the metric improves.
+    existing = [c for c in config["trainer"]["callbacks"] if c != RESUME_CHECKPOINT]
     if resume_checkpoint:
-        # Lightning 2.6 writes a monitored checkpoint's last.ckpt only when the metric improves:
-        # the resume point comes from a checkpoint "monitoring" the step (better every epoch).
-        for callback in existing:
-            if isinstance(callback, dict) and callback["class_path"].endswith("ModelCheckpoint"):
-                callback["init_args"].pop("save_last", None)
         existing.append(RESUME_CHECKPOINT)
     config["trainer"]["callbacks"] = [*existing, *(callbacks or [])]
     config["trainer"]["logger"]["init_args"].update(logger or {})

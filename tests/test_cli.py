@@ -109,3 +109,25 @@ def test_default_config_is_used_without_config(workdir, capsys):
         main(["fit", "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["data"]["init_args"]["root"] == "data/camer_synthetic"
+
+
+@pytest.mark.parametrize("data", ["camer_real", "mer2023", "dfew"])
+def test_paper_setting_configs_compose(workdir, capsys, data):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--trainer",
+                str(REPO / "conf/trainer/gpu.yaml"),
+                "--model",
+                str(REPO / "conf/model/llama2_7b_mose.yaml"),
+                "--data",
+                str(REPO / f"conf/data/{data}.yaml"),
+                "--print_config",
+            ]
+        )
+    config = yaml.safe_load(capsys.readouterr().out)
+    model = config["model"]["init_args"]
+    assert model["backbone_config"] is None and model["dtype"] == "bfloat16"
+    assert model["adapter"]["init_args"]["rank"] == 64
+    assert config["trainer"]["precision"] == "bf16-mixed"

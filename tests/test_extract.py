@@ -269,7 +269,7 @@ def test_fit_with_online_encoders_through_the_cli(mini, workdir):
     assert set(cli.model.encoders) == {"face", "video", "audio"}
     assert not any(p.requires_grad for p in cli.model.encoders.parameters())
     # Frozen encoders are not in the checkpoint (rebuilt from config, like the backbone).
-    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)
+    ckpt = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
     assert not any(k.startswith("encoders.") for k in ckpt["state_dict"])
     assert not (workdir / ROOT / "HL-UTT").exists()  # nothing read from or written to a store
 
