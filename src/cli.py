@@ -6,6 +6,7 @@ checkpoint is tested on the test split (turn off with ``--test_after_fit false``
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -15,6 +16,9 @@ from src.models.checkpoint_io import check_checkpoint_fits, use_safe_checkpoint_
 from src.tracking.config_artifact import LogConfigToMLflow
 from src.tracking.mlflow_logger import check_logger_config
 from src.tracking.resume import resolve_config_checkpoint, resume_logging
+
+# The frozen backbone stays in eval mode on purpose (no dropout in frozen weights).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -13,8 +13,9 @@ AR = [
 ]
 
 
-def test_fit_with_mose_then_test_with_ar(workdir):
+def test_fit_with_mose_then_test_with_ar(workdir, capsys):
     cli = main(["fit", "--config", str(TINY_CONFIG), "--config", MOSE, *AR])
+    assert "attn share audio" in capsys.readouterr().out  # the printed table shows AR's effect
     metrics = cli.trainer.callback_metrics
     # AR was active in the test after fit, never during fit (no val/ or train/ shares).
     before, after = (

@@ -23,6 +23,14 @@ def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str
     lines.append(
         f"{'modality_gap':<15} {cell('modality_gap'):>7}   (audio_aligned - video_aligned)"
     )
+    # With AR: the attention share of each modality before and after reallocation.
+    for modality in ("audio", "visual", "text"):
+        before = metrics.get(f"{prefix}/attn_share_before/{modality}")
+        after = metrics.get(f"{prefix}/attn_share/{modality}")
+        if before is not None and after is not None:
+            lines.append(
+                f"attn share {modality:<6} {100 * before:5.1f} -> {100 * after:5.1f} %  (AR)"
+            )
     return "\n".join(lines)
 
 
