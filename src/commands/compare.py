@@ -4,6 +4,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from src.data.atomic import atomic_open
 from src.tracking.compare import DEFAULT_METRICS, bar_chart, select_runs, summarize, to_markdown
 from src.tracking.mlflow_logger import DEFAULT_MLFLOW_DIR, default_tracking_uri
 
@@ -62,9 +63,11 @@ def main(argv: list[str]) -> int:
     summary = summarize(frame, cfg.metrics, cfg.group_by)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(out / "comparison.csv", index=False)
+    with atomic_open(out / "comparison.csv", "w", newline="") as f:
+        summary.to_csv(f, index=False)
     markdown = to_markdown(summary, cfg.metrics, cfg.group_by)
-    (out / "comparison.md").write_text(markdown)
+    with atomic_open(out / "comparison.md", "w") as f:
+        f.write(markdown)
     chart = bar_chart(summary, cfg.metrics, cfg.group_by, out / "comparison.png")
     print(markdown)
     print(f"{len(frame)} run(s); wrote {out / 'comparison.csv'}, {out / 'comparison.md'}, {chart}")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from src.data.atomic import atomic_open
 from src.data.base_datamodule import EmotionDataModule
+from src.data.feature_store import FeatureStore
 from src.data.formats._common import FormatError
 from src.data.media import MediaDecodeError, pad_audio
 from src.data.media_source import MediaLoader, MediaSpec, media_needs
@@ -91,7 +92,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def feature_path(output: str | Path, stream: StreamSpec, name: str) -> Path:
     """Where ``extract`` writes (and the feature store reads) one vector."""
-    return Path(output) / stream.feature_dir / f"{name}.npy"
+    return FeatureStore(output, [stream]).path(stream, name)
 
 
 def _encode(encoder: nn.Module, stream: StreamSpec, batch: dict[str, Any], device: str) -> Any:

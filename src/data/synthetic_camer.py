@@ -17,14 +17,13 @@ model fitted to mostly consistent samples learns to trust audio, which is the bi
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 
+from src.data.atomic import atomic_open
 from src.data.formats.camer import write_manifest
 from src.data.label_space import MER2023
 from src.data.records import SampleRecord
@@ -114,20 +113,11 @@ def _subsets(n: int, conflict_ratio: float, rng: np.random.Generator) -> list[st
     return [subsets[i] for i in rng.permutation(n)]
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def generate_synthetic_camer(
@@ -181,7 +171,8 @@ def generate_synthetic_camer(
                 z = sigma * rng.standard_normal(k)
                 z[shown] += strength
                 x = embed[s.name] @ z + config.ambient_noise * rng.standard_normal(s.dim)
-                _atomic_save_npy(root / s.feature_dir / f"{name}.npy", x.astype(np.float32))
+                with atomic_open(root / s.feature_dir / f"{name}.npy", "wb") as f:
+                    np.save(f, x.astype(np.float32))
             lo, hi = config.subtitle_words
             words = rng.choice(SUBTITLE_WORDS, size=int(rng.integers(lo, hi + 1)))
             subtitle = " ".join(words) + " ."
@@ -209,7 +200,8 @@ def generate_synthetic_camer(
         "config": asdict(config),
         "streams": [asdict(s) for s in streams],
     }
-    (root / DONE_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with atomic_open(root / DONE_MARKER, "w") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return root
 
 

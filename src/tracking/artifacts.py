@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from src.data.atomic import atomic_open
+
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
     """The trainer's MLflow logger, if it has one."""
@@ -32,8 +34,8 @@ def log_figure(trainer: L.Trainer, figure: Any, name: str) -> str:
             logger.experiment.log_figure(logger.run_id, figure, name)
             return f"mlflow:{logger.run_id}/{name}"
         path = Path(trainer.default_root_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        with atomic_open(path, "wb") as f:
+            figure.savefig(f, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
         return str(path)
     finally:
         plt.close(figure)
@@ -53,6 +55,6 @@ def log_rows(trainer: L.Trainer, rows: list[dict[str, Any]], name: str) -> str |
         logger.experiment.log_text(logger.run_id, buffer.getvalue(), name)
         return f"mlflow:{logger.run_id}/{name}"
     path = Path(trainer.default_root_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(buffer.getvalue())
+    with atomic_open(path, "w") as f:
+        f.write(buffer.getvalue())
     return str(path)

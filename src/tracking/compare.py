@@ -7,6 +7,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from src.data.atomic import atomic_open
+
 DEFAULT_METRICS: tuple[str, ...] = (
     "test/video_aligned/acc",
     "test/audio_aligned/acc",
@@ -101,6 +103,7 @@ def bar_chart(summary: pd.DataFrame, metrics: Sequence[str], group_by: str, path
     ax.set_title("Run comparison (mean ± std over runs)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=130, format="png")
     plt.close(fig)
     return path
