@@ -17,7 +17,7 @@ over every monitored (sample, head, query row) of every layer.
 """
 
 import json
-import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from src.data.atomic import atomic_open, atomic_write_text
 from src.models.attention.interface import (
     install_reallocator,
     restore_attention,
@@ -193,11 +194,10 @@ class AttentionReallocation(Callback):
             mlflow.experiment.log_figure(mlflow.run_id, fig, figure_file)
             mlflow.experiment.log_dict(mlflow.run_id, table, figure_file.replace(".png", ".json"))
             return
-        os.makedirs(trainer.default_root_dir, exist_ok=True)
-        fig.savefig(os.path.join(trainer.default_root_dir, figure_file))
-        json_path = os.path.join(trainer.default_root_dir, figure_file.replace(".png", ".json"))
-        with open(json_path, "w", encoding="utf-8") as handle:
-            json.dump(table, handle, indent=2)
+        root = Path(trainer.default_root_dir)
+        with atomic_open(root / figure_file, "wb") as handle:
+            fig.savefig(handle, format="png")
+        atomic_write_text(root / figure_file.replace(".png", ".json"), json.dumps(table, indent=2))
 
     def share_table(self) -> dict[str, Any]:
         """Per-layer shares as plain lists (the JSON artifact beside the plot)."""

@@ -14,18 +14,16 @@ Columns: ``name, subset, label, prediction, score_<label>... , text, extracted``
 
 import csv
 import json
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from src.data.atomic import atomic_open
 from src.data.label_space import LABEL_SPACES, LabelSpace, get_label_space
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import RuleBasedExtractor, text_to_label
@@ -34,27 +32,6 @@ BASE_COLUMNS = ("name", "subset", "label", "prediction")
 TAIL_COLUMNS = ("text", "extracted")
 # Bookkeeping columns of the per-rank part files, dropped in the merged file.
 _INDEX, _RANK = "_index", "_rank"
-
-
-@contextmanager
-def atomic_open(path: str | Path) -> Iterator[IO[str]]:
-    """A text handle on a temporary file beside ``path`` that replaces ``path`` on success.
-
-    The temporary file lives in the same directory, so ``os.replace`` is a rename on one file
-    system: readers see the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def prediction_columns(label_names: Sequence[str]) -> list[str]:
@@ -149,7 +126,7 @@ def merge_part_files(parts: Sequence[Path], output: Path, columns: Sequence[str]
         if row[key] not in seen:
             seen.add(row[key])
             unique.append(row)
-    with atomic_open(output) as handle:
+    with atomic_open(output, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(unique)

@@ -15,15 +15,14 @@ label. :func:`text_to_label` is the closed-set counterpart: one label word or ``
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from src.data.atomic import atomic_write_text
 from src.data.label_space import LabelSpace
 from src.data.records import SUBSETS
 from src.metrics.emotion_vocabulary import EmotionVocabulary, normalise_word
@@ -231,21 +230,6 @@ DEFAULT_JUDGE_PROMPT = (
 )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def parse_judge_output(output: str) -> list[str]:
     """Emotion words from a judge's answer: its first line, split on commas/semicolons/``and``."""
     line = next((ln for ln in str(output).strip().splitlines() if ln.strip()), "")
@@ -344,7 +328,7 @@ class LocalLMJudgeExtractor(EmotionExtractor):
 
     def _write_cache(self) -> None:
         if self.cache_path is not None:
-            _atomic_write_text(self.cache_path, json.dumps(self._cache, indent=1, sort_keys=True))
+            atomic_write_text(self.cache_path, json.dumps(self._cache, indent=1, sort_keys=True))
 
     def _load(self) -> None:
         if self._model is not None:
