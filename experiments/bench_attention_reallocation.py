@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.attention import Reallocator, reallocated
 from src.models.modality_context import ModalityContext
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.data.media import FrameTransform, decode_audio, decode_video
+from src.data.components.media import FrameTransform, decode_audio, decode_video
 
 FEATURE_DIRS = ("mae_340_UTT", "maeV_399_UTT", "HL-UTT")
 

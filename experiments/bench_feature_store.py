@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from src.commands.extract import extract_features
-from src.data.feature_store import FeatureStore
-from src.data.media import pad_audio
-from src.data.media_source import MediaLoader, MediaSpec
-from src.data.streams import StreamSpec
+from src.core.streams import StreamSpec
+from src.data.components.feature_store import FeatureStore
+from src.data.components.media import pad_audio
+from src.data.components.media_source import MediaLoader, MediaSpec
 from src.models.encoders import AudioEncoder, VisualEncoder
 
 SIZES = {

@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.data.modality import Modality  # noqa: E402
+from src.core.modality import Modality  # noqa: E402
 from src.models.modality_context import ModalityContext  # noqa: E402
 from src.models.mose import MoSELinear, inject_mose  # noqa: E402
 from src.models.mose_regularizer import MoSEGateLoss  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from src.data.label_space import MER2023
+from src.core.label_space import MER2023
 from src.metrics.closed_set import EmotionMetrics
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import (

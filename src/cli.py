@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from src.commands.registry import EXTRA_COMMANDS
-from src.models.checkpoint_io import check_checkpoint_fits, use_safe_checkpoint_io
+from src.io.checkpoint_io import check_checkpoint_fits, use_safe_checkpoint_io
 from src.tracking.config_artifact import LogConfigToMLflow
 from src.tracking.mlflow_logger import check_logger_config
 from src.tracking.resume import resolve_config_checkpoint, resume_logging

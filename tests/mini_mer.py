@@ -7,13 +7,13 @@ import av
 import numpy as np
 import torch
 
-from src.data.label_space import MER2023
-from src.data.streams import StreamSpec
-from src.data.synthetic_camer import PROMPT_WORDS
-from src.data.tokenizer import build_word_tokenizer
+from src.core.label_space import MER2023
+from src.core.streams import StreamSpec
+from src.data.camer.synthetic import PROMPT_WORDS
+from src.data.components.tokenizer import build_word_tokenizer
 from src.models.encoders import AudioEncoder, VisualEncoder
-from tests.test_encoders import SSL_LAYER, VISION
-from tests.test_media import write_clip
+from tests.data.components.test_media import write_clip
+from tests.models.test_encoders import SSL_LAYER, VISION
 
 #: Streams of the tiny data sets: two visual encoders and a layer-norm HuBERT, 32-d each.
 STREAMS = [

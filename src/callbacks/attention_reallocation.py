@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from src.data.atomic import atomic_open, atomic_write_text
+from src.io.atomic import atomic_open, atomic_write_text
 from src.models.attention.interface import (
     install_reallocator,
     restore_attention,

@@ -4,7 +4,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.data.records import SUBSETS
+from src.core.records import SUBSETS
 from src.tracking.artifacts import mlflow_logger
 
 

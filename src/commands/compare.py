@@ -4,7 +4,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from src.data.atomic import atomic_open
+from src.io.atomic import atomic_open
 from src.tracking.compare import DEFAULT_METRICS, bar_chart, select_runs, summarize, to_markdown
 from src.tracking.mlflow_logger import DEFAULT_MLFLOW_DIR, default_tracking_uri
 

@@ -26,15 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from src.data.atomic import atomic_open
+from src.core.modality import Modality
+from src.core.streams import StreamSpec
 from src.data.base_datamodule import EmotionDataModule
-from src.data.feature_store import FeatureStore
-from src.data.formats._common import FormatError
-from src.data.media import MediaDecodeError, pad_audio
-from src.data.media_source import MediaLoader, MediaSpec, media_needs
-from src.data.modality import Modality
-from src.data.skip_report import SkipReport
-from src.data.streams import StreamSpec
+from src.data.components.feature_store import FeatureStore
+from src.data.components.media import MediaDecodeError, pad_audio
+from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
+from src.data.components.skip_report import SkipReport
+from src.data.formats.rows import FormatError
+from src.io.atomic import atomic_open
 
 REPORT_NAME = "extract_report.csv"
 

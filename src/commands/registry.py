@@ -7,9 +7,15 @@ Each entry maps a command name to ``"module:function"``; the function takes the 
 
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
-    "generate-camer": ("src.commands.generate_camer:main", "write the synthetic CA-MER data set"),
+    "generate-camer": (
+        "src.data.camer.generate_command:main",
+        "write the synthetic CA-MER data set",
+    ),
     "compare": ("src.commands.compare:main", "compare MLflow runs grouped by a parameter"),
-    "build-camer": ("src.commands.build_camer:main", "build the CA-MER manifest from annotations"),
+    "build-camer": (
+        "src.data.camer.build_command:main",
+        "build the CA-MER manifest from annotations",
+    ),
     "score": ("src.evaluation.score:main", "compute every metric from a predictions file"),
     "extract": ("src.commands.extract:main", "run encoders over clips, write the feature store"),
 }

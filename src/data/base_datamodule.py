@@ -12,18 +12,18 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from src.data.collate import EmotionCollator
-from src.data.dataset import FeatureDataset, MediaDataset, task_target
-from src.data.feature_store import FeatureFileError, FeatureStore
-from src.data.formats._common import FormatError, utf8_errors
-from src.data.label_space import LabelSpace, get_label_space
-from src.data.media import MediaDecodeError
-from src.data.media_source import MediaLoader, MediaSpec, media_needs
-from src.data.prompt import PromptBuilder
-from src.data.records import SPLITS, SampleRecord
-from src.data.skip_report import SkipReport
-from src.data.streams import EMOTION_LLAMA_STREAMS, StreamSpec
-from src.data.tokenizer import load_tokenizer
+from src.core.label_space import LabelSpace, get_label_space
+from src.core.records import SPLITS, SampleRecord
+from src.core.streams import EMOTION_LLAMA_STREAMS, StreamSpec
+from src.data.components.collate import EmotionCollator
+from src.data.components.dataset import FeatureDataset, MediaDataset, task_target
+from src.data.components.feature_store import FeatureFileError, FeatureStore
+from src.data.components.media import MediaDecodeError
+from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
+from src.data.components.prompt import PromptBuilder
+from src.data.components.skip_report import SkipReport
+from src.data.components.tokenizer import load_tokenizer
+from src.data.formats.rows import FormatError, utf8_errors
 
 TASKS: tuple[str, ...] = ("emotion", "reason")
 

@@ -10,15 +10,15 @@ unknown (``-1``) and there are no CA-MER subsets.
 from pathlib import Path
 from typing import Any, Literal
 
+from src.core.records import SampleRecord
+from src.core.streams import EMOTION_LLAMA_STREAMS, StreamSpec
 from src.data.base_datamodule import EmotionDataModule, read_subtitles
-from src.data.collate import EmotionCollator
-from src.data.formats._common import FormatError
-from src.data.media import MediaDecodeError
-from src.data.media_source import MediaLoader, MediaSpec, media_needs
-from src.data.prompt import PromptBuilder
-from src.data.records import SampleRecord
-from src.data.streams import EMOTION_LLAMA_STREAMS, StreamSpec
-from src.data.tokenizer import load_tokenizer
+from src.data.components.collate import EmotionCollator
+from src.data.components.media import MediaDecodeError
+from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
+from src.data.components.prompt import PromptBuilder
+from src.data.components.tokenizer import load_tokenizer
+from src.data.formats.rows import FormatError
 
 #: Batch keys of one prompt (what :meth:`MultimodalEmotionLLM.generate` reads besides features).
 PROMPT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "modality_ids", "stream_ids")

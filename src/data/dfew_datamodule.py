@@ -3,10 +3,10 @@
 from pathlib import Path
 from typing import Any, Literal
 
+from src.core.records import SampleRecord
 from src.data.base_datamodule import EmotionDataModule
+from src.data.components.splits import carve_split
 from src.data.formats.dfew import FOLDS, read_fold
-from src.data.records import SampleRecord
-from src.data.splits import carve_split
 
 
 class DFEWDataModule(EmotionDataModule):

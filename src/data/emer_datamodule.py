@@ -3,11 +3,11 @@
 import dataclasses
 from typing import Any, Literal
 
+from src.core.records import SampleRecord
 from src.data.base_datamodule import EmotionDataModule
+from src.data.components.splits import carve_split
 from src.data.formats.emer import read_emer_v1, read_emer_v2
 from src.data.formats.mer2023 import read_subtitles, with_subtitles
-from src.data.records import SampleRecord
-from src.data.splits import carve_split
 
 
 class EMERDataModule(EmotionDataModule):

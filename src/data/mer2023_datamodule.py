@@ -3,16 +3,16 @@
 from pathlib import Path
 from typing import Any, Literal
 
+from src.core.records import SPLITS, SampleRecord
 from src.data.base_datamodule import EmotionDataModule
-from src.data.formats._common import FormatError
+from src.data.components.splits import carve_split
 from src.data.formats.mer2023 import (
     read_emotion_llama_list,
     read_label_csv,
     read_subtitles,
     with_subtitles,
 )
-from src.data.records import SPLITS, SampleRecord
-from src.data.splits import carve_split
+from src.data.formats.rows import FormatError
 
 #: Official MER2023 files: train on ``train``, test on MER-MULTI (``test1``).
 DEFAULT_SPLITS: dict[str, list[str]] = {"train": ["train-label.csv"], "test": ["test1-label.csv"]}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.attention.spans import MONITORED
 
 #: ``drop_modalities`` of each single-modality prediction.

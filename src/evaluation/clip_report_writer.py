@@ -32,7 +32,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
 from src.callbacks.attention_reallocation import AttentionReallocation
-from src.data.atomic import atomic_open
 from src.evaluation.clip_evidence import (
     clip_attention_shares,
     conflicts,
@@ -40,6 +39,7 @@ from src.evaluation.clip_evidence import (
     label_probabilities,
     unimodal_scores,
 )
+from src.io.atomic import atomic_open
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import RuleBasedExtractor
 from src.models.attention.share_monitor import ShareMonitor

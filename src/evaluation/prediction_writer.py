@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from src.data.atomic import atomic_open
-from src.data.label_space import LABEL_SPACES, LabelSpace, get_label_space
+from src.core.label_space import LABEL_SPACES, LabelSpace, get_label_space
+from src.io.atomic import atomic_open
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import RuleBasedExtractor, text_to_label
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser
 
-from src.data.formats._common import utf8_errors
-from src.data.label_space import LABEL_SPACES, MER2023, LabelSpace, get_label_space
-from src.data.records import SUBSETS
+from src.core.label_space import LABEL_SPACES, MER2023, LabelSpace, get_label_space
+from src.core.records import SUBSETS
+from src.data.formats.rows import utf8_errors
 from src.evaluation.prediction_writer import atomic_open
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.metrics.emotion_vocabulary import EmotionVocabulary, normalise_word

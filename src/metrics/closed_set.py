@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics import Metric
 
-from src.data.records import SUBSETS
+from src.core.records import SUBSETS
 
 #: Bootstrap resamples used when a caller asks for intervals without saying how many.
 DEFAULT_BOOTSTRAP_RESAMPLES = 10_000

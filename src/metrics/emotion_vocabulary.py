@@ -16,11 +16,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.data.formats._common import utf8_errors
+from src.data.formats.rows import utf8_errors
 
 # A small built-in vocabulary so that extraction works without format.csv. Written for this
 # project (not copied from MER2025): common emotion words with their usual inflections.
-# Canonical words of the closed label spaces keep the spelling used in src/data/label_space.py.
+# Canonical words of the closed label spaces keep the spelling used in src/core/label_space.py.
 DEFAULT_EMOTION_WORDS: dict[str, tuple[str, ...]] = {
     "neutral": ("neutral", "neutrality", "neutrally"),
     "happy": ("happy", "happier", "happiest", "happily", "happiness"),

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from src.data.atomic import atomic_write_text
-from src.data.label_space import LabelSpace
-from src.data.records import SUBSETS
+from src.core.label_space import LabelSpace
+from src.core.records import SUBSETS
+from src.io.atomic import atomic_write_text
 from src.metrics.emotion_vocabulary import EmotionVocabulary, normalise_word
 
 Scope = Literal["auto", "all", "conclusion"]

@@ -7,8 +7,8 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from src.data.streams import StreamSpec
-from src.data.tokenizer import load_tokenizer
+from src.core.streams import StreamSpec
+from src.data.components.tokenizer import load_tokenizer
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone

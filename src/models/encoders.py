@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers.audio_utils import mel_filter_bank
 
-from src.data.media import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_RATE, FrameTransform
+from src.data.components.media import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_RATE, FrameTransform
 
 AUDIO_KINDS: dict[str, tuple[str, str]] = {
     # kind: (config class, model class used to load a local checkpoint)

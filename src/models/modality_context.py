@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 
 
 class ModalityContext:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 
 #: Names of the weighted modalities, in the order of the weight vector.
 WEIGHTED_MODALITIES: tuple[Modality, ...] = (Modality.AUDIO, Modality.VISUAL)

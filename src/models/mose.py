@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.modality_context import ModalityContext
 from src.models.modality_weights import FixedModalityWeights, ModalityWeights
 from src.models.mose_regularizer import LayerRecord

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 
 BALANCE_LOSSES = ("cv2", "switch")
 _AUDIO = Modality.AUDIO.name.lower()

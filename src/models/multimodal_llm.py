@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from src.data.modality import Modality
-from src.data.prompt import encode_answer
-from src.data.streams import StreamSpec
+from src.core.modality import Modality
+from src.core.streams import StreamSpec
+from src.data.components.prompt import encode_answer
 from src.models.modality_context import ModalityContext
 from src.models.projector import FeatureProjector
 
@@ -17,9 +17,9 @@ from src.models.projector import FeatureProjector
 class MultimodalEmotionLLM(nn.Module):
     """Fills each prompt's feature positions with projected features and runs the backbone.
 
-    Batches come from :class:`~src.data.collate.EmotionCollator`. The batch's ``modality_ids`` are
-    bound to :attr:`modality_context` around every backbone call, so adapters (MoSE) and the
-    attention function (AR) inside the backbone know which token is which.
+    Batches come from :class:`~src.data.components.collate.EmotionCollator`. The batch's
+    ``modality_ids`` are bound to :attr:`modality_context` around every backbone call, so adapters
+    (MoSE) and the attention function (AR) inside the backbone know which token is which.
 
     Args:
         backbone: Frozen Hugging Face causal LM (adapters may wrap or modify it later).

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from src.data.modality import Modality
-from src.data.streams import StreamSpec
+from src.core.modality import Modality
+from src.core.streams import StreamSpec
 
 MEDIA_KEYS: tuple[str, ...] = ("frames", "audio")
 

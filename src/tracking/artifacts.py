@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.data.atomic import atomic_open
+from src.io.atomic import atomic_open
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:

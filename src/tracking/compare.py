@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from src.data.atomic import atomic_open
+from src.io.atomic import atomic_open
 
 DEFAULT_METRICS: tuple[str, ...] = (
     "test/video_aligned/acc",

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 
-from src.models.checkpoint_io import load_checkpoint_safely, resolve_checkpoint_path
+from src.io.checkpoint_io import load_checkpoint_safely, resolve_checkpoint_path
 from src.tracking.artifacts import mlflow_logger
 
 RUN_ID_KEY = "mlflow_run_id"

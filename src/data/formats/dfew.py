@@ -12,7 +12,10 @@ the clip ids, zero-padded to five digits (``1`` and ``00001`` are the same clip)
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from src.data.formats._common import (
+from src.core.label_space import DFEW
+from src.core.records import SampleRecord
+from src.data.components.skip_report import SkipReport
+from src.data.formats.rows import (
     FormatError,
     NameRegistry,
     OnError,
@@ -23,9 +26,6 @@ from src.data.formats._common import (
     read_header,
     require_file,
 )
-from src.data.label_space import DFEW
-from src.data.records import SampleRecord
-from src.data.skip_report import SkipReport
 
 PROTOCOLS: tuple[str, ...] = ("official", "dfer-clip", "mae-dfer")
 FOLDS: tuple[int, ...] = (1, 2, 3, 4, 5)

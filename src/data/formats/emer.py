@@ -6,7 +6,11 @@
 
 from pathlib import Path
 
-from src.data.formats._common import (
+from src.core.label_space import MER2023, LabelSpace
+from src.core.records import SampleRecord
+from src.data.components.skip_report import SkipReport
+from src.data.formats.mer2023 import SUBTITLE_LANGUAGES
+from src.data.formats.rows import (
     NameRegistry,
     OnError,
     RowPolicy,
@@ -15,10 +19,6 @@ from src.data.formats._common import (
     parse_label,
     require_file,
 )
-from src.data.formats.mer2023 import SUBTITLE_LANGUAGES
-from src.data.label_space import MER2023, LabelSpace
-from src.data.records import SampleRecord
-from src.data.skip_report import SkipReport
 
 
 def read_emer_v1(

@@ -11,7 +11,10 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from src.data.formats._common import (
+from src.core.label_space import MER2023, LabelSpace
+from src.core.records import SampleRecord
+from src.data.components.skip_report import SkipReport
+from src.data.formats.rows import (
     NameRegistry,
     OnError,
     RowPolicy,
@@ -23,9 +26,6 @@ from src.data.formats._common import (
     read_header,
     require_file,
 )
-from src.data.label_space import MER2023, LabelSpace
-from src.data.records import SampleRecord
-from src.data.skip_report import SkipReport
 
 SUBTITLE_LANGUAGES: tuple[str, ...] = ("english", "chinese")
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.attention.share_monitor import ShareMonitor
 from src.models.attention.spans import (
     MONITORED,

@@ -11,7 +11,7 @@ Shapes: probabilities ``(B, H, Q, K)``; key one-hot ``(B, 1, K, 3)`` over :data:
 
 import torch
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 
 #: Modalities whose attention share is measured, in the order used by masses, metrics and plots.
 MONITORED: tuple[Modality, ...] = (Modality.AUDIO, Modality.VISUAL, Modality.TEXT)

@@ -1,0 +1,81 @@
+"""CA-MER as a LightningDataModule: the manifest, its features and subtitles (real or synthetic)."""
+
+from dataclasses import replace
+from typing import Any, Literal
+
+from src.core.records import SampleRecord
+from src.core.streams import EMOTION_LLAMA_STREAMS, StreamSpec
+from src.data.base_datamodule import EmotionDataModule, read_subtitles
+from src.data.camer.manifest import read_manifest
+from src.data.camer.synthetic import SyntheticCAMERConfig, ensure_synthetic_camer
+
+
+class CAMERDataModule(EmotionDataModule):
+    """CA-MER: every test sample keeps its subset (video_aligned, audio_aligned, consistent).
+
+    Args:
+        root: Data root holding the manifest, subtitle CSV and feature folders.
+        manifest: Manifest file name under ``root``.
+        subtitles: Subtitle CSV under ``root`` (``name,english`` or ``name,chinese,english``).
+        subtitle_column: Which subtitle column to use (``english``, ``chinese``, ``sentence``).
+        synthetic: When given, ``root`` is filled with the synthetic CA-MER made with these
+            settings (once; later runs reuse it).
+        streams: Feature streams and their token counts.
+        tokenizer: Local tokenizer directory; default ``<root>/tokenizer``.
+        label_space: Label space name or explicit labels.
+        task: ``emotion`` or ``reason``.
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation batch size.
+        num_workers: DataLoader workers.
+        on_error: ``raise`` or ``skip`` bad samples (skips are reported).
+        templates: Prompt templates per task.
+        shuffle_seed: Seed of the (epoch-seeded) training order.
+        **kwargs: Further :class:`EmotionDataModule` options (``source``, ``media``,
+            ``media_check``, ``tasks``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        manifest: str = "manifest.csv",
+        subtitles: str = "transcription.csv",
+        subtitle_column: str = "english",
+        synthetic: SyntheticCAMERConfig | None = None,
+        streams: list[StreamSpec] = list(EMOTION_LLAMA_STREAMS),  # noqa: B006 - jsonargparse default
+        tokenizer: str | None = None,
+        label_space: str | list[str] = "mer2023",
+        task: Literal["emotion", "reason"] = "emotion",
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_error: Literal["raise", "skip"] = "raise",
+        templates: dict[str, str] | None = None,
+        shuffle_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            root,
+            streams,
+            tokenizer,
+            label_space,
+            task,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            on_error,
+            templates,
+            shuffle_seed,
+            **kwargs,
+        )
+        self.manifest = manifest
+        self.subtitles = subtitles
+        self.subtitle_column = subtitle_column
+        self.synthetic = synthetic
+        if synthetic is not None:
+            # Generated at construction: the model needs the tokenizer before setup() runs.
+            ensure_synthetic_camer(self.root, self.streams, synthetic)
+
+    def load_records(self) -> list[SampleRecord]:
+        records = read_manifest(self.root / self.manifest, self.label_space, **self.parse_options)
+        subtitles = read_subtitles(self.root / self.subtitles, self.subtitle_column)
+        return [replace(r, subtitle=subtitles.get(r.name, "")) for r in records]

@@ -1,0 +1,114 @@
+"""Turns a subtitle and the feature streams into token ids and ``modality_ids``.
+
+The template is text with placeholders: ``{<stream name>}`` for each stream's feature tokens,
+``{subtitle}`` and ``{labels}`` (the label list). Literal text is tokenised; each stream
+placeholder becomes ``stream.tokens`` positions whose embeddings the model's projectors fill.
+"""
+
+from dataclasses import dataclass
+from string import Formatter
+
+from transformers import PreTrainedTokenizerBase
+
+from src.core.modality import Modality
+from src.core.streams import StreamSpec
+
+#: Emotion-LLaMA style instruction prompts, one per task.
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "emotion": (
+        "[INST] <video> {face} {video} </video> <audio> {audio} </audio> the person in video "
+        "says : {subtitle} which emotion does the person show ? choose one of : {labels} . "
+        "[/INST] answer :"
+    ),
+    "reason": (
+        "[INST] <video> {face} {video} </video> <audio> {audio} </audio> the person in video "
+        "says : {subtitle} describe the emotional cues in the video and audio and infer the "
+        "emotion of the person . [/INST]"
+    ),
+}
+
+
+@dataclass
+class EncodedPrompt:
+    """Token ids of one prompt with, per position, its modality and its stream (-1 for text)."""
+
+    input_ids: list[int]
+    modality_ids: list[int]
+    stream_ids: list[int]
+
+
+class PromptBuilder:
+    """Builds prompts and answer targets for one tokenizer, stream set and label list.
+
+    Args:
+        tokenizer: Tokenizer of the backbone.
+        streams: Feature streams; each must appear exactly once in every template.
+        labels: Label words listed in the instruction.
+        templates: Prompt template per task (``emotion``, ``reason``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        streams: list[StreamSpec],
+        labels: list[str],
+        templates: dict[str, str] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.streams = list(streams)
+        self.labels = list(labels)
+        self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
+        self._stream_index = {s.name: i for i, s in enumerate(self.streams)}
+        for task, template in self.templates.items():
+            fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
+            for stream in self.streams:
+                if fields.count(stream.name) != 1:
+                    raise ValueError(
+                        f"prompt template {task!r} must contain {{{stream.name}}} exactly once"
+                    )
+            unknown = set(fields) - set(self._stream_index) - {"subtitle", "labels"}
+            if unknown:
+                raise ValueError(f"prompt template {task!r} has unknown placeholders {unknown}")
+
+    def _text_ids(self, text: str) -> list[int]:
+        text = " ".join(text.split())
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode(self, subtitle: str, task: str = "emotion") -> EncodedPrompt:
+        """Token ids, modality ids and stream ids of the prompt for one sample."""
+        if task not in self.templates:
+            raise ValueError(f"no prompt template for task {task!r}; have {list(self.templates)}")
+        ids: list[int] = []
+        modality: list[int] = []
+        stream_ids: list[int] = []
+        if self.tokenizer.bos_token_id is not None:
+            ids.append(self.tokenizer.bos_token_id)
+            modality.append(int(Modality.TEXT))
+            stream_ids.append(-1)
+        placeholder = self.tokenizer.pad_token_id
+        values = {"subtitle": subtitle, "labels": " , ".join(self.labels)}
+        for literal, field, _, _ in Formatter().parse(self.templates[task]):
+            text = literal + (values[field] if field in values else "")
+            piece = self._text_ids(text)
+            ids += piece
+            modality += [int(Modality.TEXT)] * len(piece)
+            stream_ids += [-1] * len(piece)
+            if field in self._stream_index:
+                stream = self.streams[self._stream_index[field]]
+                ids += [placeholder] * stream.tokens
+                modality += [int(stream.modality_id)] * stream.tokens
+                stream_ids += [self._stream_index[field]] * stream.tokens
+        return EncodedPrompt(ids, modality, stream_ids)
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Token ids of an answer (a label word or a reasoning text) followed by EOS."""
+        return encode_answer(self.tokenizer, text)
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of an answer (a label word or a reasoning text) followed by EOS."""
+    text = " ".join(text.split())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not ids:
+        raise ValueError("an answer must not be empty")
+    return ids + [tokenizer.eos_token_id]

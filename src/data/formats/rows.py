@@ -1,0 +1,221 @@
+"""Shared machinery of the annotation parsers: errors, the on_error policy, CSV/text row readers."""
+
+import csv
+import errno
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from src.core.label_space import LabelSpace
+from src.core.records import SPLITS
+from src.data.components.skip_report import SkipReport
+
+OnError = Literal["raise", "skip"]
+ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
+
+
+class FormatError(ValueError):
+    """A bad annotation row or file; the message names the file, the line and the field.
+
+    Args:
+        file: The annotation file.
+        field: The column (or ``<header>``, ``<row>``) that is wrong.
+        reason: What is wrong.
+        line: 1-based line where the row starts (header included), when known.
+        name: The sample name, when known.
+    """
+
+    def __init__(
+        self,
+        file: str | Path,
+        field: str,
+        reason: str,
+        *,
+        line: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.file, self.field, self.reason, self.line, self.name = (
+            str(file),
+            field,
+            reason,
+            line,
+            name,
+        )
+        where = f"{file}, line {line}" if line is not None else str(file)
+        who = f" (sample {name!r})" if name else ""
+        super().__init__(f"{where}: field {field!r}{who}: {reason}")
+
+
+class RowPolicy:
+    """Raises a :class:`FormatError` for a bad row, or records it in a report (``on_error="skip"``).
+
+    Args:
+        file: The file being read (named in every error).
+        on_error: ``"raise"`` or ``"skip"``.
+        report: Where skipped rows go; required with ``on_error="skip"`` so nothing is dropped
+            silently.
+    """
+
+    def __init__(self, file: str | Path, on_error: str, report: SkipReport | None) -> None:
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        if on_error == "skip" and report is None:
+            raise ValueError(
+                f"reading {file} with on_error='skip' needs a SkipReport to list skipped rows"
+            )
+        self.file, self.on_error, self.report = str(file), on_error, report
+
+    def reject(self, field: str, reason: str, *, line: int | None, name: str | None) -> None:
+        """Handle one bad row: raise, or add it to the report."""
+        if self.on_error == "raise":
+            raise FormatError(self.file, field, reason, line=line, name=name)
+        assert self.report is not None
+        self.report.add(self.file, field, reason, name or None, line=line)
+
+
+class NameRegistry:
+    """Detects duplicate sample names; the error names both rows."""
+
+    def __init__(self, policy: RowPolicy) -> None:
+        self.policy = policy
+        self.first_line: dict[str, int | None] = {}
+
+    def claim(self, name: str, line: int | None) -> bool:
+        """``True`` if ``name`` is new; otherwise rejects the row and returns ``False``."""
+        if name in self.first_line:
+            first = self.first_line[name]
+            self.policy.reject(
+                "name",
+                f"duplicate name {name!r}: first at line {first}, again at line {line}",
+                line=line,
+                name=name,
+            )
+            return False
+        self.first_line[name] = line
+        return True
+
+
+def require_file(path: str | Path, what: str = "annotation file") -> Path:
+    """``path`` as a :class:`Path`; raises ``FileNotFoundError`` naming it when absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"{what} not found", str(path))
+    return path
+
+
+@contextmanager
+def utf8_errors(path: str | Path) -> Iterator[None]:
+    """Turn a decoding failure while reading ``path`` into a :class:`FormatError` naming it
+    (field ``<encoding>``): a corrupt or binary file must not surface as a bare codec error."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 4]
+        raise FormatError(
+            path, "<encoding>", f"not UTF-8 text ({err.reason} at bytes {bad!r}): corrupt file?"
+        ) from None
+
+
+def read_header(path: Path) -> list[str]:
+    """The stripped column names of a CSV file's first row (``[]`` for an empty file)."""
+    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
+        return [h.strip() for h in next(csv.reader(handle), [])]
+
+
+def iter_csv_rows(
+    path: Path, required: Sequence[str], optional: Sequence[str] = ()
+) -> Iterator[tuple[int, dict[str, str] | None, str | None]]:
+    """Yield ``(line, row, problem)`` for each data row of a CSV file with a header.
+
+    ``row`` maps the header's columns to stripped values (``required`` + ``optional`` present);
+    when the row has the wrong number of fields, ``row`` is ``None`` and ``problem`` says why.
+    Raises :class:`FormatError` for an empty file or a header without a required column.
+    """
+    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise FormatError(path, "<header>", "file is empty (no header row)") from None
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise FormatError(
+                path,
+                missing[0],
+                f"missing column(s) {', '.join(missing)}; header is {','.join(header)}",
+                line=1,
+            )
+        line = reader.line_num + 1
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                problem = f"expected {len(header)} fields ({','.join(header)}), got {len(fields)}"
+                yield start, None, problem
+                continue
+            yield start, {h: v.strip() for h, v in zip(header, fields, strict=True)}, None
+
+
+def iter_text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line, whitespace-separated fields)`` for each non-empty line of a text file."""
+    with utf8_errors(path), path.open(encoding="utf-8-sig") as handle:
+        for number, text in enumerate(handle, start=1):
+            fields = text.split()
+            if fields:
+                yield number, fields
+
+
+def parse_label(
+    value: str | None,
+    label_space: LabelSpace,
+    policy: RowPolicy,
+    *,
+    field: str,
+    line: int | None,
+    name: str | None,
+    required: bool = True,
+) -> tuple[bool, str | None]:
+    """Normalise one label cell: ``(ok, canonical label or None)``; a bad cell is rejected."""
+    if value is None or not value.strip():
+        if required:
+            policy.reject(field, "empty label", line=line, name=name)
+            return False, None
+        return True, None
+    label = label_space.normalise(value)
+    if label is None:
+        policy.reject(
+            field,
+            f"{value!r} is not in the {label_space.name} label space "
+            f"({', '.join(label_space.labels)})",
+            line=line,
+            name=name,
+        )
+        return False, None
+    return True, label
+
+
+def parse_float(
+    value: str | None, policy: RowPolicy, *, field: str, line: int | None, name: str | None
+) -> tuple[bool, float | None]:
+    """Parse an optional finite float cell: ``(ok, value or None)``."""
+    if value is None or not value.strip():
+        return True, None
+    try:
+        number = float(value)
+    except ValueError:
+        policy.reject(field, f"{value!r} is not a number", line=line, name=name)
+        return False, None
+    if not math.isfinite(number):
+        policy.reject(field, f"{value!r} is not a finite number", line=line, name=name)
+        return False, None
+    return True, number
+
+
+def check_split(split: str, where: str) -> str:
+    """Validate a split name given by the caller."""
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split must be one of {SPLITS}, got {split!r}")
+    return split

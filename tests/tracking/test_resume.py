@@ -1,0 +1,190 @@
+"""Resuming: `fit --ckpt_path last` continues an interrupted run (even one killed with SIGKILL)
+into the same MLflow run, and ends with the metrics of an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import pytest
+import torch
+from jsonargparse import Namespace
+
+from src.cli import main
+from src.io.checkpoint_io import (
+    SafeCheckpointIO,
+    find_last_checkpoint,
+    load_checkpoint_safely,
+)
+from src.tracking.mlflow_logger import MosearMLFlowLogger
+from src.tracking.resume import resolve_config_checkpoint, resume_logging
+from tests.fault_injection import SMALL, cli, finish, tiny_config
+
+HANG = {
+    "class_path": "tests.fault_injection.HangAt",
+    "init_args": {"epoch": 2, "batch": 1},
+}
+STEPS_PER_EPOCH = 3  # 48 training samples, batch size 16
+
+
+def store(workdir: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+
+
+def only_run(workdir: Path):
+    client = store(workdir)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tests"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the fit ended before reaching the kill point:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the fit did not reach the kill point in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    configs = {}
+    for folder in (killed, whole):
+        folder.mkdir()
+        configs[folder] = tiny_config(
+            folder, trainer={"max_epochs": 4, "deterministic": True}, callbacks=[HANG]
+        )
+    marker = killed / "hang.marker"
+    victim = cli(
+        killed, "fit", "--config", str(configs[killed]), MOSEAR_TEST_HANG_MARKER=str(marker)
+    )
+    reference = cli(whole, "fit", "--config", str(configs[whole]))
+    try:
+        wait_for(marker, victim)
+        # Killed in the middle of epoch 2: the last checkpoint is the end of epoch 1.
+        last = find_last_checkpoint(killed / "outputs")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    except BaseException:
+        reference.kill()
+        raise
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    assert int(marker.read_text()) == 2 * STEPS_PER_EPOCH + 1
+    checkpoint = load_checkpoint_safely(last)
+    assert checkpoint["global_step"] == 2 * STEPS_PER_EPOCH
+    run_id = checkpoint["mlflow_run_id"]
+    assert only_run(killed).info.status == "RUNNING"  # killed: nobody closed it
+
+    out = finish(cli(killed, "fit", "--config", str(configs[killed]), "--ckpt_path", "last"))
+    assert "Restored all states" in out
+    finish(reference)
+    resumed, uninterrupted = only_run(killed), only_run(whole)
+    assert resumed.info.run_id == run_id and resumed.info.status == "FINISHED"
+    assert uninterrupted.info.status == "FINISHED"
+    assert load_checkpoint_safely(last)["global_step"] == 4 * STEPS_PER_EPOCH
+
+    def test_metrics(run) -> dict[str, float]:
+        return {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}
+
+    assert test_metrics(resumed) and test_metrics(resumed) == test_metrics(uninterrupted)
+
+    def history(workdir: Path, run, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in store(workdir).get_metric_history(run.info.run_id, key)}
+
+    # Every epoch's validation, before and after the kill, is in the one run and matches.
+    val = history(killed, resumed, "val/acc")
+    assert len(val) == 4 and val == history(whole, uninterrupted, "val/acc")
+
+
+@pytest.mark.slow
+def test_resume_logs_into_the_same_run_and_continues_the_step_count(workdir):
+    config = tiny_config(workdir, trainer={"max_epochs": 1}, data={"synthetic": SMALL})
+    first = main(["fit", "--config", str(config), "--test_after_fit", "false"])
+    run_id = first.trainer.logger.run_id
+    assert only_run(workdir).info.status == "FINISHED"
+    last = find_last_checkpoint(workdir / "outputs")
+    assert load_checkpoint_safely(last)["mlflow_run_id"] == run_id
+
+    second = main(
+        ["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"]
+    )
+    assert second.trainer.logger.run_id == run_id
+    assert second.trainer.global_step == 2  # epoch 0 was not trained again
+    run = only_run(workdir)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert "test/acc" in run.data.metrics  # the resumed fit's test went to the same run
+    steps = [m.step for m in store(workdir).get_metric_history(run_id, "val/acc")]
+    assert len(steps) == 2 and len(set(steps)) == 2
+    # Checkpoints stay in the run's folder; the resumed one overwrote last.ckpt there.
+    assert find_last_checkpoint(workdir / "outputs") == last
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+def test_last_without_any_checkpoint_is_a_clear_error(workdir):
+    config = tiny_config(workdir)
+    with pytest.raises(FileNotFoundError, match="no last.ckpt under trainer.default_root_dir"):
+        main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: nowhere.ckpt"):
+        main(["test", "--config", str(config), "--ckpt_path", "nowhere.ckpt"])
+
+
+def test_last_is_the_newest_last_checkpoint_under_the_root(tmp_path):
+    older = tmp_path / "1" / "run_a" / "checkpoints" / "last.ckpt"
+    newer = tmp_path / "1" / "run_b" / "checkpoints" / "last-v1.ckpt"
+    other = tmp_path / "1" / "run_b" / "checkpoints" / "epoch=3-step=12.ckpt"
+    for i, path in enumerate((older, newer, other)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"i": i}, path)
+        os.utime(path, (1000 + i, 1000 + i))
+    assert find_last_checkpoint(tmp_path) == newer
+    os.utime(older, (5000, 5000))
+    assert find_last_checkpoint(tmp_path) == older
+
+
+def test_checkpoint_names_the_run_that_a_resumed_fit_logs_into(workdir):
+    logger = MosearMLFlowLogger(experiment_name="tests", save_dir="mlruns")
+    client = store(workdir)
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    old = client.create_run(experiment)
+    client.set_terminated(old.info.run_id, "FAILED")  # e.g. stopped by a NaN loss
+    path = workdir / "outputs" / experiment / old.info.run_id / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "mlflow_run_id": old.info.run_id}, path)
+    config = Namespace(
+        subcommand="fit",
+        fit=Namespace(ckpt_path="last", trainer=Namespace(default_root_dir="outputs")),
+    )
+    assert resolve_config_checkpoint(config) == old.info.run_id
+    assert config.fit.ckpt_path == str(path.relative_to(workdir))
+    trainer = L.Trainer(logger=logger, default_root_dir="outputs", enable_progress_bar=False)
+    resume_logging(trainer, old.info.run_id)
+    assert logger.run_id == old.info.run_id
+    assert client.get_run(old.info.run_id).info.status == "RUNNING"
+    # A checkpoint whose run the store does not have: a warning and a new, tagged run.
+    elsewhere = f"sqlite:///{workdir / 'elsewhere.db'}"
+    other = MosearMLFlowLogger(experiment_name="tests", tracking_uri=elsewhere)
+    trainer = L.Trainer(logger=other, default_root_dir="outputs", enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="does not have"):
+        resume_logging(trainer, old.info.run_id)
+    assert other.run_id != old.info.run_id
+    tags = other.experiment.get_run(other.run_id).data.tags
+    assert tags["mosear.resumed_from_run"] == old.info.run_id
+
+
+def test_the_cli_installs_safe_checkpoint_io(workdir):
+    config = str(tiny_config(workdir))
+    cli = main(
+        ["fit", "--config", config, "--trainer.max_epochs", "0", "--test_after_fit", "false"]
+    )
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
