@@ -9,20 +9,35 @@ from src.tracking.artifacts import mlflow_logger
 
 
 def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str:
-    """A plain-text table of overall and per-subset metrics (missing entries shown as '-')."""
+    """A plain-text table of overall and per-subset metrics (missing entries shown as '-').
+
+    With Bayes bounds (synthetic worlds) a ``Bayes %`` column and the excess gap and accuracy
+    shortfall; without them a line saying the data set has none.
+    """
 
     def cell(key: str) -> str:
         value = metrics.get(f"{prefix}/{key}")
         return "-" if value is None else f"{100 * float(value):6.2f}"
 
-    rows = [("overall", cell("acc"), cell("f1_weighted"))]
-    rows += [(subset, cell(f"{subset}/acc"), "") for subset in SUBSETS]
-    lines = [f"{'subset':<15} {'acc %':>7} {'wF1 %':>7}", "-" * 31]
-    lines += [f"{name:<15} {acc:>7} {f1:>7}" for name, acc, f1 in rows]
-    lines.append("-" * 31)
+    bayes = f"{prefix}/bayes/acc" in metrics
+    rows = [("overall", cell("acc"), cell("f1_weighted"), cell("bayes/acc"))]
+    rows += [(s, cell(f"{s}/acc"), "", cell(f"bayes/{s}/acc")) for s in SUBSETS]
+    width = 39 if bayes else 31
+    head = f"{'subset':<15} {'acc %':>7} {'wF1 %':>7}" + (f" {'Bayes %':>7}" if bayes else "")
+    lines = [head, "-" * width]
+    for name, acc, f1, bound in rows:
+        lines.append(f"{name:<15} {acc:>7} {f1:>7}" + (f" {bound:>7}" if bayes else ""))
+    lines.append("-" * width)
+    gap_bound = f" {'':>7} {cell('bayes/modality_gap'):>7}" if bayes else ""
     lines.append(
-        f"{'modality_gap':<15} {cell('modality_gap'):>7}   (audio_aligned - video_aligned)"
+        f"{'modality_gap':<15} {cell('modality_gap'):>7}{gap_bound}   "
+        "(audio_aligned - video_aligned)"
     )
+    if bayes:
+        lines.append(f"{'excess_gap':<15} {cell('excess_gap'):>7}   (gap - Bayes gap)")
+        lines.append(f"{'acc_shortfall':<15} {cell('acc_shortfall'):>7}   (Bayes acc - acc)")
+    else:
+        lines.append("Bayes bounds: none for this data set (only synthetic worlds know them)")
     # With AR: the attention share of each modality before and after reallocation.
     for modality in ("audio", "visual", "text"):
         before = metrics.get(f"{prefix}/attn_share_before/{modality}")

@@ -1,5 +1,7 @@
 """``python -m src.cli extract``: run frozen encoders over a data set's clips and write the feature
-store in the Emotion-LLaMA layout, ``<output>/<feature_dir>/<name>.npy`` (float32, ``(dim,)``).
+store in the Emotion-LLaMA layout, ``<output>/<feature_dir>/<name>.npy`` (float32, ``(dim,)``
+pooled, or ``(tokens, dim)`` for a sequence stream: patch tokens or audio frames, written when
+the stream has ``sequence: true`` and its encoder ``tokens: N``).
 
 Resumable: a sample whose files all exist is skipped, so an interrupted run continues where it
 stopped; files are written atomically, so a killed run leaves no half-written ``.npy``. Clips are
@@ -191,10 +193,11 @@ def _write_batch(
     vectors: dict[str, np.ndarray] = {}
     for stream in targets:
         out = _encode(encoders[stream.name], stream, batch, device)
-        if tuple(out.shape) != (len(names), stream.dim):
+        if tuple(out.shape) != (len(names), *stream.shape):
             raise ValueError(
                 f"stream {stream.name!r}: encoder {type(encoders[stream.name]).__name__} gives "
-                f"{tuple(out.shape)} for {len(names)} clips; the stream's dim is {stream.dim}"
+                f"{tuple(out.shape)} for {len(names)} clips; the stream stores {stream.shape} "
+                "per clip (a sequence stream needs an encoder with tokens: N)"
             )
         vectors[stream.name] = out.float().cpu().numpy()
     for row, name in enumerate(names):

@@ -129,6 +129,11 @@ class EmotionDataModule(L.LightningDataModule):
         """The skipped samples as rows (``file, line, name, field, reason``), for MLflow."""
         return self.skip_report.to_rows()
 
+    def bayes_bounds(self, split: str) -> dict[str, float] | None:
+        """Bayes-optimal accuracies of ``split`` (``acc``, ``<subset>/acc``, ``modality_gap``,
+        ``counts``) when the data set knows its likelihood (synthetic worlds); ``None`` here."""
+        return None
+
     @property
     def parse_options(self) -> dict[str, Any]:
         """``on_error`` and ``report`` for the annotation parsers of :meth:`load_records`."""

@@ -12,9 +12,16 @@ scikit-learn and, when nothing is unparsed, against ``MulticlassAccuracy``/``F1S
 Definitions (``docs/evaluation.md``): acc = WAR = trace / N; f1_weighted = sum over classes of
 F1_c * support_c / N (MER2023's official metric); uar = mean recall over classes that occur in the
 targets (DFEW); modality_gap = acc(audio_aligned) - acc(video_aligned).
+
+Where the data set knows its Bayes-optimal accuracies (synthetic worlds, :meth:`EmotionMetrics.
+set_bayes`): ``bayes/acc``, ``bayes/<subset>/acc``, ``bayes/modality_gap`` (and the same under
+``bayes_train_prior/``), ``excess_gap`` = modality_gap - bayes/modality_gap (the part of the gap
+a better model could remove) and ``acc_shortfall`` = bayes/acc - acc.
 """
 
+import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,6 +178,37 @@ class EmotionMetrics(Metric):
             "confmat", default=torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum"
         )
         self.last_confusion: Tensor | None = None
+        self.bayes: dict[str, Any] | None = None
+
+    def set_bayes(self, bounds: Mapping[str, Any] | None) -> None:
+        """Bayes bounds of the evaluated split (``acc``, ``<subset>/acc``, ``modality_gap``,
+        ``train_prior/...`` and ``counts``: samples per subset they were computed on), or
+        ``None``. :meth:`compute` reports them and the excess over them when its own per-subset
+        counts equal ``counts`` (the bounds hold for exactly these samples); otherwise it warns
+        and leaves them out."""
+        self.bayes = dict(bounds) if bounds is not None else None
+
+    def _bayes_metrics(self, out: dict[str, float], counts: dict[str, tuple[int, int]]) -> None:
+        assert self.bayes is not None
+        p = self.prefix
+        seen = {name: total for name, (_, total) in counts.items()}
+        expected = {k: int(v) for k, v in self.bayes.get("counts", {}).items()}
+        if seen != expected:
+            warnings.warn(
+                f"{p}bayes: the Bayes bounds hold for {expected} samples per subset but "
+                f"{seen} were evaluated (a limited or filtered split); bounds not reported",
+                stacklevel=3,
+            )
+            return
+        for key, value in self.bayes.items():
+            if key == "counts":
+                continue
+            head, _, rest = key.partition("train_prior/")
+            name = f"{p}bayes_train_prior/{rest}" if not head and rest else f"{p}bayes/{key}"
+            out[name] = float(value)
+        if f"{p}modality_gap" in out and f"{p}bayes/modality_gap" in out:
+            out[f"{p}excess_gap"] = out[f"{p}modality_gap"] - out[f"{p}bayes/modality_gap"]
+        out[f"{p}acc_shortfall"] = out[f"{p}bayes/acc"] - out[f"{p}acc"]
 
     def update(self, preds: Tensor, target: Tensor, subset_idx: Tensor | None = None) -> None:
         """Add a batch.
@@ -232,6 +270,8 @@ class EmotionMetrics(Metric):
             counts[name] = (int(torch.diagonal(cm[:, : self.num_classes]).sum()), int(cm.sum()))
         if f"{p}audio_aligned/acc" in out and f"{p}video_aligned/acc" in out:
             out[f"{p}modality_gap"] = out[f"{p}audio_aligned/acc"] - out[f"{p}video_aligned/acc"]
+        if self.bayes is not None:
+            self._bayes_metrics(out, counts)
         if self.bootstrap_resamples > 0 and counts:
             intervals = bootstrap_ci(
                 counts, self.bootstrap_resamples, self.alpha, self.bootstrap_seed

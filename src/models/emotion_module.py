@@ -182,6 +182,18 @@ class EmotionLLMModule(L.LightningModule):
 
     def on_test_start(self) -> None:
         self._log_skipped()
+        self._set_bayes(self.test_metrics, "test")
+
+    def on_validation_start(self) -> None:
+        self._set_bayes(self.val_metrics, "val")
+
+    def _set_bayes(self, metrics: EmotionMetrics, split: str) -> None:
+        """Bayes bounds of the split from the data module (synthetic worlds), else none."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        bounds = getattr(datamodule, "bayes_bounds", None)
+        # The sanity check sees a few batches only: bounds of the whole split do not apply.
+        usable = callable(bounds) and not self.trainer.sanity_checking
+        metrics.set_bayes(bounds(split) if usable else None)
 
     def _log_skipped(self) -> None:
         skipped = getattr(self.trainer.datamodule, "skipped", None)

@@ -1,10 +1,14 @@
 """Frozen feature encoders (LightningModules) wrapping Hugging Face audio and vision models.
 
 Both produce one pooled vector per clip, ``(B, dim)``, the shape of an Emotion-LLaMA feature file
-``<feature_dir>/<name>.npy`` (``(dim,)``). Weights come only from a local directory
-(``pretrained``); tests build tiny random models from a ``config`` dict. The preprocessing that
-HF processors do (waveform normalisation, Whisper log-mel, resize + normalise) is done here in
-torch from explicit config values, so a tiny model needs no processor files.
+``<feature_dir>/<name>.npy`` (``(dim,)``), or, with ``tokens: N``, a sequence ``(B, N, dim)`` for a
+sequence stream: image patch tokens (ViT/CLIP, averaged over the sampled frames; VideoMAE's
+tokens) or audio frames, cut into ``N`` contiguous segments of the valid steps and averaged per
+segment (the identity when there are exactly ``N``; Emotion-LLaMA keeps EVA-CLIP's 256 patches).
+Weights come only from a local directory (``pretrained``); tests build tiny random models from a
+``config`` dict. The preprocessing that HF processors do (waveform normalisation, Whisper log-mel,
+resize + normalise) is done here in torch from explicit config values, so a tiny model needs no
+processor files.
 """
 
 import json
@@ -127,6 +131,8 @@ class AudioEncoder(_FrozenEncoder):
         normalize: Zero-mean unit-variance per clip before HuBERT/wav2vec2 (HF ``do_normalize``);
             ``None``: the checkpoint's ``preprocessor_config.json``, else ``True``.
         sample_rate: Rate of the waveforms given to :meth:`forward` (16 kHz for all three).
+        tokens: ``None``: one mean-pooled vector per clip. ``N``: ``N`` frame features per clip
+            (the valid frames in ``N`` contiguous segments, each averaged), for a sequence stream.
     """
 
     def __init__(
@@ -138,8 +144,11 @@ class AudioEncoder(_FrozenEncoder):
         layer: int | None = None,
         normalize: bool | None = None,
         sample_rate: int = SAMPLE_RATE,
+        tokens: int | None = None,
     ) -> None:
         super().__init__()
+        _check_tokens(tokens)
+        self.tokens = tokens
         if kind not in AUDIO_KINDS:
             raise ValueError(
                 f"audio encoder kind must be one of {tuple(AUDIO_KINDS)}, got {kind!r}"
@@ -184,7 +193,7 @@ class AudioEncoder(_FrozenEncoder):
         )
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features ``(B, dim)`` of ``(B, n)`` mono waveforms at :attr:`sample_rate`.
+        """Features ``(B, dim)`` (or ``(B, tokens, dim)``) of ``(B, n)`` mono waveforms.
 
         Args:
             waveforms: Zero-padded waveforms.
@@ -213,7 +222,7 @@ class AudioEncoder(_FrozenEncoder):
         )
         hidden = self._hidden(outputs)
         frames = self._frame_lengths(lengths).clamp(max=hidden.shape[1])
-        return _masked_mean(hidden, frames)
+        return _pool_steps(hidden, frames, self.tokens)
 
     def _whisper(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         n, window = waveforms.shape[1], self.window_samples
@@ -229,7 +238,7 @@ class AudioEncoder(_FrozenEncoder):
             lengths.clamp(max=window), self.mel.hop_length, rounding_mode="floor"
         )
         frames = torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(1, hidden.shape[1])
-        return _masked_mean(hidden, frames)
+        return _pool_steps(hidden, frames, self.tokens)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
         """``{"names", "features"}`` from a batch with ``audio`` (B, n) and ``audio_lengths``."""
@@ -253,6 +262,9 @@ class VisualEncoder(_FrozenEncoder):
         crop: Resize the shorter side and centre-crop (``True``) or squash to a square.
         pool: Per-frame vector for ``vit``/``clip``: ``cls`` (CLIP: its post-layernorm pooled
             output) or ``mean`` over patch tokens. VideoMAE always averages its tokens.
+        tokens: ``None``: one pooled vector per clip. ``N``: ``N`` patch-token features per clip
+            (ViT/CLIP: the patch tokens without CLS, averaged over frames; VideoMAE: its tokens),
+            in ``N`` contiguous segments each averaged, for a sequence stream.
     """
 
     def __init__(
@@ -265,8 +277,11 @@ class VisualEncoder(_FrozenEncoder):
         image_std: tuple[float, float, float] | None = None,
         crop: bool = True,
         pool: str = "cls",
+        tokens: int | None = None,
     ) -> None:
         super().__init__()
+        _check_tokens(tokens)
+        self.tokens = tokens
         if kind not in VISUAL_KINDS:
             raise ValueError(
                 f"visual encoder kind must be one of {tuple(VISUAL_KINDS)}, got {kind!r}"
@@ -303,7 +318,8 @@ class VisualEncoder(_FrozenEncoder):
         )
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """Pooled features ``(B, dim)`` of frames ``(B, K, 3, H, W)`` (or ``(B, 3, H, W)``).
+        """Features ``(B, dim)`` (or ``(B, tokens, dim)``) of frames ``(B, K, 3, H, W)`` (or
+        ``(B, 3, H, W)``).
 
         ``uint8`` frames are resized and normalised here; float frames must already be
         :meth:`frame_transform`'s output (``image_size`` square).
@@ -328,8 +344,15 @@ class VisualEncoder(_FrozenEncoder):
                         f"videomae encoder expects {self.num_frames} frames per clip, got {k}; "
                         f"sample with strategy='uniform', num_frames={self.num_frames}"
                     )
-                return self.model(pixel_values=frames).last_hidden_state.mean(dim=1)
+                hidden = self.model(pixel_values=frames).last_hidden_state
+                if self.tokens is not None:
+                    return _pool_steps(hidden, _full(hidden), self.tokens)
+                return hidden.mean(dim=1)
             outputs = self.model(pixel_values=frames.flatten(0, 1))
+            if self.tokens is not None:
+                patches = outputs.last_hidden_state[:, 1:]  # without CLS
+                patches = patches.view(batch, k, *patches.shape[1:]).mean(dim=1)
+                return _pool_steps(patches, _full(patches), self.tokens)
             if self.pool == "mean":
                 per_frame = outputs.last_hidden_state[:, 1:].mean(dim=1)
             elif self.kind == "clip":
@@ -354,6 +377,34 @@ def zero_mean_unit_var(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.
     mean = x.sum(1, keepdim=True) / count
     var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / count
     return (x - mean) / torch.sqrt(var + 1e-7) * valid
+
+
+def _check_tokens(tokens: int | None) -> None:
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"tokens must be a positive number of sequence rows or null, got {tokens}")
+
+
+def _full(hidden: torch.Tensor) -> torch.Tensor:
+    """Every step of ``hidden`` (B, T, D) is valid."""
+    return torch.full((hidden.shape[0],), hidden.shape[1], device=hidden.device)
+
+
+def _pool_steps(hidden: torch.Tensor, lengths: torch.Tensor, tokens: int | None) -> torch.Tensor:
+    """``(B, D)`` mean of the valid steps, or ``(B, tokens, D)`` segment means.
+
+    Segment ``i`` of a row with ``L`` valid steps covers ``[floor(i L / N), ceil((i + 1) L / N))``
+    (adaptive average pooling over the valid steps only; with ``L < N`` steps repeat).
+    """
+    if tokens is None:
+        return _masked_mean(hidden, lengths)
+    steps = torch.arange(hidden.shape[1], device=hidden.device)
+    i = torch.arange(tokens, device=hidden.device)
+    length = lengths.to(hidden.device).long()[:, None]
+    start = torch.div(i[None, :] * length, tokens, rounding_mode="floor")
+    end = -torch.div(-(i[None, :] + 1) * length, tokens, rounding_mode="floor")  # ceil
+    weight = ((steps >= start[..., None]) & (steps < end[..., None])).to(hidden.dtype)
+    weight = weight / weight.sum(-1, keepdim=True).clamp(min=1)
+    return weight @ hidden  # (B, tokens, T) @ (B, T, D)
 
 
 def _masked_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

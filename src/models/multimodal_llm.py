@@ -50,7 +50,7 @@ class MultimodalEmotionLLM(nn.Module):
         hidden = backbone.get_input_embeddings().embedding_dim
         self.projectors = nn.ModuleDict(
             {
-                s.name: FeatureProjector(s.dim, hidden, s.tokens, projector_hidden)
+                s.name: FeatureProjector(s.dim, hidden, s.tokens, projector_hidden, s.sequence)
                 for s in self.streams
             }
         )

@@ -28,8 +28,8 @@ def encode_media(
 
     Streams that already have features are left alone; an audio stream's encoder gets
     ``(audio, audio_lengths)``, a visual one ``frames``. A stream with neither features nor an
-    encoder, missing media, or an encoder output that is not ``(B, stream.dim)`` is an error
-    naming the stream.
+    encoder, missing media, or an encoder output that is not ``(B, *stream.shape)`` (a sequence
+    stream needs an encoder configured with ``tokens``) is an error naming the stream.
     """
     if not has_media(batch):
         return batch
@@ -52,10 +52,11 @@ def encode_media(
             if "frames" not in batch:
                 raise ValueError(f"stream {stream.name!r}: its encoder needs 'frames' in the batch")
             out = encoder(batch["frames"])
-        if tuple(out.shape) != (size, stream.dim):
+        if tuple(out.shape) != (size, *stream.shape):
             raise ValueError(
                 f"stream {stream.name!r}: encoder {type(encoder).__name__} gives "
-                f"{tuple(out.shape)}, the stream needs ({size}, {stream.dim}) (check dim)"
+                f"{tuple(out.shape)}, the stream needs {(size, *stream.shape)} (check dim, and "
+                "the encoder's tokens for a sequence stream)"
             )
         features[stream.name] = out
     return {**batch, "features": features}

@@ -1,13 +1,15 @@
 """CA-MER as a LightningDataModule: the manifest, its features and subtitles (real or synthetic)."""
 
+import json
 from dataclasses import replace
 from typing import Any, Literal
 
-from src.core.records import SampleRecord
+from src.core.records import SUBSETS, SampleRecord
 from src.core.streams import EMOTION_LLAMA_STREAMS, StreamSpec
 from src.data.base_datamodule import EmotionDataModule, read_subtitles
 from src.data.camer.manifest import read_manifest
-from src.data.camer.synthetic import SyntheticCAMERConfig, ensure_synthetic_camer
+from src.data.camer.synthetic import BAYES_FILE, SyntheticCAMERConfig, ensure_synthetic_camer
+from src.data.components.splits import carve_split
 
 
 class CAMERDataModule(EmotionDataModule):
@@ -30,6 +32,11 @@ class CAMERDataModule(EmotionDataModule):
         on_error: ``raise`` or ``skip`` bad samples (skips are reported).
         templates: Prompt templates per task.
         shuffle_seed: Seed of the (epoch-seeded) training order.
+        val_fraction: When the manifest has no ``val`` split: the fraction of the test split
+            carved into one, within each subset (:func:`~src.data.components.splits.carve_split`,
+            stratified by label), so that validation mirrors the test's subset mix; the carved
+            samples leave the test split. 0 turns carving off.
+        split_seed: Seed of that carving.
         **kwargs: Further :class:`EmotionDataModule` options (``source``, ``media``,
             ``media_check``, ``tasks``).
     """
@@ -51,6 +58,8 @@ class CAMERDataModule(EmotionDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
         shuffle_seed: int = 0,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -71,6 +80,9 @@ class CAMERDataModule(EmotionDataModule):
         self.subtitles = subtitles
         self.subtitle_column = subtitle_column
         self.synthetic = synthetic
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction, self.split_seed = val_fraction, split_seed
         if synthetic is not None:
             # Generated at construction: the model needs the tokenizer before setup() runs.
             ensure_synthetic_camer(self.root, self.streams, synthetic)
@@ -78,4 +90,32 @@ class CAMERDataModule(EmotionDataModule):
     def load_records(self) -> list[SampleRecord]:
         records = read_manifest(self.root / self.manifest, self.label_space, **self.parse_options)
         subtitles = read_subtitles(self.root / self.subtitles, self.subtitle_column)
-        return [replace(r, subtitle=subtitles.get(r.name, "")) for r in records]
+        records = [replace(r, subtitle=subtitles.get(r.name, "")) for r in records]
+        if self.val_fraction > 0 and not any(r.split == "val" for r in records):
+            records = self._carve_val(records)
+        return records
+
+    def _carve_val(self, records: list[SampleRecord]) -> list[SampleRecord]:
+        """A val split carved out of the test split, subset by subset (same subset mix)."""
+        test = [r for r in records if r.split == "test"]
+        carved: dict[str, SampleRecord] = {}
+        for i, subset in enumerate((*SUBSETS, None)):
+            group = [r for r in test if r.subset == subset]
+            if len(group) > 1:
+                for r in carve_split(group, self.val_fraction, self.split_seed + i):
+                    carved[r.name] = r
+        return [carved.get(r.name, r) for r in records]
+
+    def bayes_bounds(self, split: str) -> dict[str, float] | None:
+        """The synthetic world's Bayes bounds of ``split`` under its own subset mix
+        (``bayes.json``, written by the generator); ``None`` for real data."""
+        path = self.root / BAYES_FILE
+        if self.synthetic is None or not path.is_file():
+            return None
+        entry = json.loads(path.read_text()).get("splits", {}).get(split)
+        if entry is None:
+            return None
+        bounds = dict(entry["eval_prior"])
+        bounds.update({f"train_prior/{k}": v for k, v in entry["train_prior"].items()})
+        bounds["counts"] = entry["counts"]
+        return bounds

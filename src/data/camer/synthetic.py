@@ -1,22 +1,29 @@
 """A deterministic synthetic CA-MER, written to disk in the layout the real loaders read.
 
-Generative model (documented in the README, "The synthetic CA-MER"): every stream of modality
-``m`` draws a latent emotion vector in label space,
+Generative model (documented in ``docs/worlds.md`` and the README, "The synthetic CA-MER"): every
+evidence token of a stream of modality ``m`` draws a latent emotion vector in label space,
 
     z = a * e_{y_m} + sigma_m * eps,   eps ~ N(0, I_K)
 
 where ``e_k`` is the one-hot vector of class ``k``, ``y_m`` the emotion that modality shows and
-``a`` its strength; the stored feature is ``x = W_s z + tau * eta`` with a fixed random
-orthonormal ``W_s`` (dim x K) per stream and a little ambient noise ``tau``. In a consistent
-sample both modalities show the true label with full strength. In a conflict sample the aligned
-modality shows the true label with full strength and the other shows a different label with the
-weaker ``conflict_strength`` (a masked feeling), so the truth is recoverable from both streams
-together. Audio is cleaner than visual and conflicts are rare in training, as in real data: a
-model fitted to mostly consistent samples learns to trust audio, which is the bias CA-MER exposes.
+``a`` its strength; the stored feature is ``x = g_m (W_s z + tau * eta)`` with a fixed random
+orthonormal ``W_s`` (dim x K) per stream, a little ambient noise ``tau`` and the modality's feature
+scale ``g_m``. A pooled stream stores one such vector; a sequence stream stores ``(tokens, dim)``
+rows of which ``evidence_tokens`` (fixed positions per world) carry the emotion and the others a
+distractor emotion (a random label at ``distractor_strength``) plus scene content in feature
+directions outside the label subspace. In a consistent sample both modalities show the true label
+with full strength. In a conflict sample the aligned modality shows the true label with full
+strength and the other shows a different label with the weaker ``conflict_strength`` (a masked
+feeling), so the truth is recoverable from both streams together.
+
+The knobs make a family of *worlds* (``conf/data/worlds/``), each with one stated cause of an
+audio bias; :mod:`src.data.camer.bayes` computes each world's Bayes-optimal accuracy on the
+written files from this likelihood (``bayes.json`` beside the manifest).
 """
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,12 +33,18 @@ from filelock import FileLock
 from src.core.label_space import MER2023
 from src.core.records import SampleRecord
 from src.core.streams import StreamSpec
+from src.data.camer.bayes import bayes_bounds
 from src.data.camer.manifest import write_manifest
 from src.data.components.tokenizer import build_word_tokenizer
 from src.io.atomic import atomic_open
 
-GENERATOR_VERSION = 1
+# 2: val mirrors the test's subset mix, worlds (sequence streams, distractors, scene, scales,
+# training prior), bayes.json.
+GENERATOR_VERSION = 2
 DONE_MARKER = "generator.json"
+BAYES_FILE = "bayes.json"
+#: Scene directions (outside the label subspace) of a sequence stream.
+SCENE_DIMS = 8
 
 # Words with no emotional content: subtitles carry no label information in the synthetic set.
 SUBTITLE_WORDS: tuple[str, ...] = tuple(
@@ -60,23 +73,37 @@ VALENCE = {
 
 @dataclass
 class SyntheticCAMERConfig:
-    """Knobs of the synthetic CA-MER generator (defaults reproduce the audio bias).
+    """Knobs of the synthetic CA-MER generator (defaults: the ``information`` world).
 
     Args:
         seed: Seed of everything random; same seed, same bytes.
         n_train: Training samples.
-        n_val: Validation samples (same distribution as training, for checkpoint selection).
+        n_val: Validation samples (for checkpoint selection and every choice made on data).
         n_test: Test samples; conflicts split evenly between video_aligned and audio_aligned.
         labels: Label words (class order); defaults to MER2023's six classes.
-        train_conflict_ratio: Fraction of conflict samples in train and val.
+        train_conflict_ratio: Fraction of conflict samples in train.
         test_conflict_ratio: Fraction of conflict samples in test.
+        val_conflict_ratio: Fraction of conflict samples in val, split evenly like the test's;
+            ``None``: the test's ratio, so that validation mirrors the test's subset mix.
+        train_audio_share: Fraction of the training conflicts that are audio_aligned (0.5:
+            even, like val and test; the ``prior`` world skews it).
         audio_strength: Strength ``a`` of the emotion audio shows when it tells the truth.
         visual_strength: Strength ``a`` of the emotion the visual streams show when truthful.
         conflict_strength: Strength of the contrary cue, as a fraction of the modality's strength.
-        audio_noise: Latent noise ``sigma`` of the audio stream.
-        visual_noise: Latent noise ``sigma`` of each visual stream.
+        audio_noise: Latent noise ``sigma`` of each audio evidence token (a pooled vector is one).
+        visual_noise: Latent noise ``sigma`` of each visual evidence token.
         ambient_noise: Noise ``tau`` added in feature space.
+        evidence_tokens: Sequence stream name -> how many of its rows carry the emotion (fixed
+            positions, drawn once per seed); the other rows are distractor and scene content.
+            Streams not named: every row is evidence.
+        distractor_strength: Strength of the random emotion (independent of every label) that
+            each non-evidence row of a sequence stream shows.
+        scene_strength: Standard deviation of the scene content every row of a sequence stream
+            carries in feature directions outside the label subspace.
+        audio_scale: Factor ``g`` on every stored audio feature (same information).
+        visual_scale: Factor ``g`` on every stored visual feature (same information).
         subtitle_words: Range (min, max) of subtitle length in words.
+        world: Name of the world these settings make (``conf/data/worlds/<world>.yaml``).
     """
 
     seed: int = 0
@@ -86,25 +113,136 @@ class SyntheticCAMERConfig:
     labels: list[str] = field(default_factory=lambda: list(MER2023.labels))
     train_conflict_ratio: float = 0.1
     test_conflict_ratio: float = 2 / 3
+    val_conflict_ratio: float | None = None
+    train_audio_share: float = 0.5
     audio_strength: float = 1.0
     visual_strength: float = 1.0
     conflict_strength: float = 0.6
     audio_noise: float = 0.45
     visual_noise: float = 1.0
     ambient_noise: float = 0.05
+    evidence_tokens: dict[str, int] | None = None
+    distractor_strength: float = 0.0
+    scene_strength: float = 0.0
+    audio_scale: float = 1.0
+    visual_scale: float = 1.0
     subtitle_words: tuple[int, int] = (4, 10)
+    world: str = "information"
 
     def __post_init__(self) -> None:
-        for name in ("train_conflict_ratio", "test_conflict_ratio", "conflict_strength"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"synthetic.{name} must be in [0, 1], got {getattr(self, name)}")
+        ratios = ("train_conflict_ratio", "test_conflict_ratio", "train_audio_share")
+        for name in (*ratios, "conflict_strength", "val_conflict_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"synthetic.{name} must be in [0, 1], got {value}")
+        for name in ("audio_noise", "visual_noise", "ambient_noise", "distractor_strength"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("scene_strength", "audio_scale", "visual_scale"):
+            if getattr(self, name) < 0 or (name != "scene_strength" and getattr(self, name) == 0):
+                raise ValueError(f"synthetic.{name} must be positive, got {getattr(self, name)}")
         if len(self.labels) < 2:
             raise ValueError("synthetic.labels needs at least two classes for conflicts")
 
+    @property
+    def val_ratio(self) -> float:
+        """The val split's conflict ratio (the test's unless set)."""
+        return self.test_conflict_ratio if self.val_conflict_ratio is None else self.val_conflict_ratio
 
-def _subsets(n: int, conflict_ratio: float, rng: np.random.Generator) -> list[str]:
+    def split_plan(self) -> list[tuple[str, int, float, float]]:
+        """``(split, samples, conflict ratio, audio_aligned share of the conflicts)``."""
+        return [
+            ("train", self.n_train, self.train_conflict_ratio, self.train_audio_share),
+            ("val", self.n_val, self.val_ratio, 0.5),
+            ("test", self.n_test, self.test_conflict_ratio, 0.5),
+        ]
+
+    def subset_prior(self, split: str) -> dict[str, float]:
+        """The probability of each subset in ``split`` by these settings."""
+        _, _, ratio, share = next(p for p in self.split_plan() if p[0] == split)
+        return {
+            "video_aligned": ratio * (1 - share),
+            "audio_aligned": ratio * share,
+            "consistent": 1 - ratio,
+        }
+
+
+@dataclass
+class World:
+    """The fixed random parts of a world, drawn from the seed before any sample.
+
+    Args:
+        embed: Stream name -> orthonormal ``(dim, K)`` label embedding ``W_s``.
+        evidence: Sequence stream name -> boolean ``(tokens,)`` mask of the evidence rows.
+        scene: Sequence stream name -> orthonormal ``(dim, r)`` scene basis, orthogonal to
+            ``W_s`` (only when ``scene_strength > 0``).
+    """
+
+    embed: dict[str, np.ndarray]
+    evidence: dict[str, np.ndarray]
+    scene: dict[str, np.ndarray]
+
+
+def build_world(
+    streams: list[StreamSpec], config: SyntheticCAMERConfig
+) -> tuple[World, np.random.Generator]:
+    """The world's fixed parts and the generator's random stream, positioned after them.
+
+    The embeddings come first from ``default_rng(seed)`` (as in version 1, so a world of pooled
+    streams draws the same bytes); evidence positions and scene bases come from a second stream
+    ``default_rng([seed, 1])`` so they never shift the samples' draws.
+    """
+    rng = np.random.default_rng(config.seed)
+    side = np.random.default_rng([config.seed, 1])
+    k = len(config.labels)
+    names = {s.name for s in streams}
+    unknown = sorted(set(config.evidence_tokens or {}) - names)
+    if unknown:
+        raise ValueError(f"synthetic.evidence_tokens names unknown streams {unknown}")
+    embed: dict[str, np.ndarray] = {}
+    evidence: dict[str, np.ndarray] = {}
+    scene: dict[str, np.ndarray] = {}
+    for s in streams:
+        if s.dim < k:
+            raise ValueError(f"stream {s.name!r}: dim {s.dim} is smaller than {k} labels")
+        q, _ = np.linalg.qr(rng.standard_normal((s.dim, k)))
+        embed[s.name] = q
+    for s in streams:
+        count = (config.evidence_tokens or {}).get(s.name)
+        if not s.sequence:
+            if count not in (None, 1):
+                raise ValueError(
+                    f"synthetic.evidence_tokens.{s.name}: {s.name!r} is a pooled stream (one "
+                    "vector); evidence tokens need a sequence stream"
+                )
+            continue
+        count = s.tokens if count is None else count
+        if not 1 <= count <= s.tokens:
+            raise ValueError(
+                f"synthetic.evidence_tokens.{s.name}: {count} is not in [1, {s.tokens}]"
+            )
+        mask = np.zeros(s.tokens, dtype=bool)
+        mask[side.choice(s.tokens, size=count, replace=False)] = True
+        evidence[s.name] = mask
+        if config.scene_strength > 0:
+            r = min(SCENE_DIMS, s.dim - k)
+            if r < 1:
+                raise ValueError(
+                    f"stream {s.name!r}: scene content needs dim > {k} labels, got {s.dim}"
+                )
+            w = embed[s.name]
+            a = side.standard_normal((s.dim, r))
+            basis, _ = np.linalg.qr(a - w @ (w.T @ a))
+            scene[s.name] = basis
+    return World(embed, evidence, scene), rng
+
+
+def _subsets(
+    n: int, conflict_ratio: float, audio_share: float, rng: np.random.Generator
+) -> list[str]:
     n_conflict = int(round(n * conflict_ratio))
-    n_video = n_conflict // 2
+    # Rounds half down, so an even split gives video n // 2 as in version 1.
+    n_video = math.floor(n_conflict * (1 - audio_share) + 0.5 - 1e-9)
     subsets = (
         ["video_aligned"] * n_video
         + ["audio_aligned"] * (n_conflict - n_video)
@@ -127,33 +265,24 @@ def generate_synthetic_camer(
 
     Layout: ``manifest.csv`` (CA-MER manifest), ``label.csv`` (MER2023 ``name,discrete,valence``),
     ``transcription.csv`` (``name,english``), one folder per stream of ``<name>.npy`` float32
-    vectors, ``tokenizer/`` and ``generator.json`` (the config; written last, marks completion).
+    arrays (``stream.shape``), ``tokenizer/``, ``bayes.json`` (the Bayes bounds of the val and
+    test files, :func:`~src.data.camer.bayes.bayes_bounds`) and ``generator.json`` (the
+    config; written last, marks completion).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(config.seed)
+    world, rng = build_world(streams, config)
     labels = [w.lower() for w in config.labels]
     k = len(labels)
-    # A fixed random orthonormal embedding of label space per stream.
-    embed = {}
     for s in streams:
-        if s.dim < k:
-            raise ValueError(f"stream {s.name!r}: dim {s.dim} is smaller than {k} labels")
-        q, _ = np.linalg.qr(rng.standard_normal((s.dim, k)))
-        embed[s.name] = q
         (root / s.feature_dir).mkdir(exist_ok=True)
 
     records: list[SampleRecord] = []
     label_rows: list[list[object]] = []
     subtitle_rows: list[list[object]] = []
     index = 0
-    plan = [
-        ("train", config.n_train, config.train_conflict_ratio),
-        ("val", config.n_val, config.train_conflict_ratio),
-        ("test", config.n_test, config.test_conflict_ratio),
-    ]
-    for split, n, ratio in plan:
-        for subset in _subsets(n, ratio, rng):
+    for split, n, ratio, audio_share in config.split_plan():
+        for subset in _subsets(n, ratio, audio_share, rng):
             name = f"camer_{index:06d}"
             index += 1
             y = int(rng.integers(k))
@@ -167,10 +296,7 @@ def generate_synthetic_camer(
                 strength = config.audio_strength if is_audio else config.visual_strength
                 if shown != y:
                     strength *= config.conflict_strength
-                sigma = config.audio_noise if is_audio else config.visual_noise
-                z = sigma * rng.standard_normal(k)
-                z[shown] += strength
-                x = embed[s.name] @ z + config.ambient_noise * rng.standard_normal(s.dim)
+                x = _draw_stream(s, world, config, shown, strength, rng)
                 with atomic_open(root / s.feature_dir / f"{name}.npy", "wb") as f:
                     np.save(f, x.astype(np.float32))
             lo, hi = config.subtitle_words
@@ -195,6 +321,10 @@ def generate_synthetic_camer(
     _write_csv(root / "label.csv", ["name", "discrete", "valence"], label_rows)
     _write_csv(root / "transcription.csv", ["name", "english"], subtitle_rows)
     build_word_tokenizer([*SUBTITLE_WORDS, *PROMPT_WORDS, *labels], root / "tokenizer")
+    # The Bayes bounds read back the files just written (what a model will see).
+    bounds = bayes_bounds(root, streams, config, world)
+    with atomic_open(root / BAYES_FILE, "w") as f:
+        f.write(json.dumps(bounds, indent=2, sort_keys=True) + "\n")
     meta = {
         "version": GENERATOR_VERSION,
         "config": asdict(config),
@@ -203,6 +333,39 @@ def generate_synthetic_camer(
     with atomic_open(root / DONE_MARKER, "w") as f:
         f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return root
+
+
+def _draw_stream(
+    stream: StreamSpec,
+    world: World,
+    config: SyntheticCAMERConfig,
+    shown: int,
+    strength: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One sample's feature of ``stream``: ``(dim,)`` pooled or ``(tokens, dim)`` sequence."""
+    is_audio = stream.modality_id.name == "AUDIO"
+    sigma = config.audio_noise if is_audio else config.visual_noise
+    scale = config.audio_scale if is_audio else config.visual_scale
+    k = len(config.labels)
+    w = world.embed[stream.name]
+    if not stream.sequence:
+        # Version 1's draws exactly: a pooled world keeps its bytes.
+        z = sigma * rng.standard_normal(k)
+        z[shown] += strength
+        x = w @ z + config.ambient_noise * rng.standard_normal(stream.dim)
+        return x * scale if scale != 1.0 else x
+    evidence = world.evidence[stream.name]
+    z = sigma * rng.standard_normal((stream.tokens, k))
+    z[evidence, shown] += strength
+    if config.distractor_strength > 0:
+        others = np.flatnonzero(~evidence)
+        z[others, rng.integers(k, size=others.size)] += config.distractor_strength
+    x = z @ w.T + config.ambient_noise * rng.standard_normal((stream.tokens, stream.dim))
+    if stream.name in world.scene:
+        basis = world.scene[stream.name]
+        x += config.scene_strength * rng.standard_normal((stream.tokens, basis.shape[1])) @ basis.T
+    return x * scale if scale != 1.0 else x
 
 
 def ensure_synthetic_camer(

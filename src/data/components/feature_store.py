@@ -1,4 +1,8 @@
-"""Reads per-sample feature vectors in the Emotion-LLaMA layout: ``<root>/<dir>/<name>.npy``."""
+"""Reads per-sample features in the Emotion-LLaMA layout: ``<root>/<dir>/<name>.npy``.
+
+A pooled stream stores a ``(dim,)`` vector per sample, a sequence stream a ``(tokens, dim)``
+array (one row per LLM token).
+"""
 
 from pathlib import Path
 
@@ -19,7 +23,7 @@ class FeatureFileError(ValueError):
 
 
 class FeatureStore:
-    """Loads and checks one ``.npy`` vector per stream and sample.
+    """Loads and checks one ``.npy`` array per stream and sample.
 
     Args:
         root: Data root holding one folder per stream (``stream.feature_dir``).
@@ -40,7 +44,7 @@ class FeatureStore:
         return path
 
     def load(self, name: str) -> dict[str, np.ndarray]:
-        """All streams' vectors of sample ``name`` as float32 ``(dim,)`` arrays, checked."""
+        """All streams' features of sample ``name`` as float32 arrays of ``stream.shape``."""
         return {s.name: self.load_stream(s, name) for s in self.streams}
 
     def load_stream(self, stream: StreamSpec, name: str) -> np.ndarray:
@@ -56,11 +60,11 @@ class FeatureStore:
             raise FeatureFileError(path, field, f"not a readable .npy file ({err})") from None
         if not np.issubdtype(array.dtype, np.number):
             raise FeatureFileError(path, field, f"dtype {array.dtype} is not numeric")
-        if array.ndim == 2 and array.shape[0] == 1:
+        if not stream.sequence and array.ndim == 2 and array.shape[0] == 1:
             array = array[0]  # (1, dim) is the same vector
-        if array.shape != (stream.dim,):
+        if array.shape != stream.shape:
             raise FeatureFileError(
-                path, field, f"shape {array.shape} does not match the expected ({stream.dim},)"
+                path, field, f"shape {array.shape} does not match the expected {stream.shape}"
             )
         if not np.isfinite(array).all():
             raise FeatureFileError(path, field, "contains NaN or infinite values")
