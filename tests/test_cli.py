@@ -38,12 +38,22 @@ def test_fit_tests_the_best_checkpoint_and_logs_everything_to_mlflow(workdir, ca
         "val/acc",
         "val/video_aligned/acc",
         "val/modality_gap",
+        "val/excess_gap",
+        "val/bayes/modality_gap",
+        "test/bayes/video_aligned/acc",
+        "test/bayes/modality_gap",
+        "test/bayes_train_prior/modality_gap",
+        "test/excess_gap",
+        "test/acc_shortfall",
         "train/loss",
     ]:
         assert f"metrics.{name}" in frame.columns, name
         assert run[f"metrics.{name}"] == run[f"metrics.{name}"], f"{name} is NaN"
     gap = run["metrics.test/audio_aligned/acc"] - run["metrics.test/video_aligned/acc"]
     assert run["metrics.test/modality_gap"] == pytest.approx(gap, abs=1e-6)
+    excess = run["metrics.test/modality_gap"] - run["metrics.test/bayes/modality_gap"]
+    assert run["metrics.test/excess_gap"] == pytest.approx(excess, abs=1e-6)
+    assert "excess_gap" in out and "Bayes %" in out
     # Flattened hyper-parameters and the resolved config as an artifact.
     assert run["params.lr"] == "0.005"
     client = mlflow.MlflowClient()

@@ -6,11 +6,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
 from scipy.special import logsumexp
 
+from src.cli import main
 from src.core.label_space import get_label_space
 from src.core.streams import StreamSpec
 from src.data.camer.manifest import read_manifest
@@ -20,7 +22,7 @@ from src.data.camer.synthetic import (
     build_world,
     generate_synthetic_camer,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_CONFIG
 
 WORLDS = ("null", "information", "token_imbalance", "prior", "optimisation")
 LABELS = ["neutral", "angry", "happy"]
@@ -299,3 +301,40 @@ def test_world_settings_are_checked():
             [StreamSpec("face", "f", "visual", 8, 4, sequence=True)],
             SyntheticCAMERConfig(evidence_tokens={"face": 5}),
         )
+
+
+def test_cli_fits_a_sequence_stream_world_and_logs_the_bounds(workdir, capsys):
+    """A tiny token-imbalance world end to end: sequence streams through the real CLI, the
+    Bayes bounds and the excess over them logged for val and test and printed."""
+    streams = (
+        "[{name: face, feature_dir: mae_340_UTT, modality: visual, dim: 16, tokens: 6, "
+        "sequence: true}, {name: video, feature_dir: maeV_399_UTT, modality: visual, dim: 16, "
+        "tokens: 4}, {name: audio, feature_dir: HL-UTT, modality: audio, dim: 16, tokens: 1}]"
+    )
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(TINY_CONFIG),
+            "--data.init_args.streams",
+            streams,
+            "--data.init_args.synthetic.evidence_tokens",
+            "{face: 2}",
+            "--data.init_args.synthetic.distractor_strength",
+            "0.5",
+            "--data.init_args.synthetic.scene_strength",
+            "1.0",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "excess_gap" in out and "Bayes %" in out
+    assert cli.model.model.projectors["face"].net.in_features == 16  # one row -> one token
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["tests"]).iloc[0]
+    metrics = {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
+    for split in ("val", "test"):
+        bounds = json.loads((workdir / "data/camer_tiny" / BAYES_FILE).read_text())
+        expected = bounds["splits"][split]["eval_prior"]["modality_gap"]
+        assert metrics[f"{split}/bayes/modality_gap"] == pytest.approx(expected, abs=1e-6)
+        gap = metrics[f"{split}/modality_gap"] - expected
+        assert metrics[f"{split}/excess_gap"] == pytest.approx(gap, abs=1e-6)
