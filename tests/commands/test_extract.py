@@ -310,3 +310,32 @@ def test_extract_example_configs_parse(name):
     assert set(cfg.encoders) >= {"face", "audio"}
     if name == "mer2023.yaml":
         assert cfg.data.class_path.endswith("MER2023DataModule") and cfg.device == "cuda"
+
+
+def test_extract_writes_sequence_features(workdir):
+    """Encoders with `tokens: N` write (N, dim) arrays for sequence streams (ViT patch tokens,
+    HuBERT frames) that the feature store reads back."""
+    from src.data.feature_store import FeatureStore
+
+    dirs = save_encoders(workdir / "encoders")
+    write_mer2023(workdir / "d", n_train=2, n_test=0)
+    streams = [
+        StreamSpec("face", "mae_340_UTT", "visual", 32, 4, sequence=True),
+        StreamSpec("audio", "HL-UTT", "audio", 32, 3, sequence=True),
+    ]
+    encoders = (
+        '{"face": {"class_path": "src.models.encoders.VisualEncoder", "init_args": '
+        f'{{"kind": "vit", "pretrained": "{dirs["vit"]}", "tokens": 4}}}}, '
+        '"audio": {"class_path": "src.models.encoders.AudioEncoder", "init_args": '
+        f'{{"kind": "hubert", "pretrained": "{dirs["hubert"]}", "tokens": 3}}}}}}'
+    )
+    stream_arg = str([vars(s) for s in streams]).replace("True", "true")
+    base = ["extract", "--clips", "d/video", "--output", "out", "--streams", stream_arg]
+    assert main([*base, "--encoders", encoders, "--progress", "false"]) == 0
+    features = FeatureStore(workdir / "out", streams).load("train_00")
+    assert features["face"].shape == (4, 32) and features["audio"].shape == (3, 32)
+    assert not np.allclose(features["face"][0], features["face"][1])  # distinct patch rows
+    # A pooled encoder for a sequence stream is refused, naming the stream and the shape.
+    pooled = encoders.replace(', "tokens": 4', "")
+    args = [*base, "--encoders", pooled, "--progress", "false", "--overwrite", "true"]
+    assert main(args) == 2
