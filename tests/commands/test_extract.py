@@ -315,7 +315,7 @@ def test_extract_example_configs_parse(name):
 def test_extract_writes_sequence_features(workdir):
     """Encoders with `tokens: N` write (N, dim) arrays for sequence streams (ViT patch tokens,
     HuBERT frames) that the feature store reads back."""
-    from src.data.feature_store import FeatureStore
+    from src.data.components.feature_store import FeatureStore
 
     dirs = save_encoders(workdir / "encoders")
     write_mer2023(workdir / "d", n_train=2, n_test=0)

@@ -147,7 +147,8 @@ class SyntheticCAMERConfig:
     @property
     def val_ratio(self) -> float:
         """The val split's conflict ratio (the test's unless set)."""
-        return self.test_conflict_ratio if self.val_conflict_ratio is None else self.val_conflict_ratio
+        ratio = self.val_conflict_ratio
+        return self.test_conflict_ratio if ratio is None else ratio
 
     def split_plan(self) -> list[tuple[str, int, float, float]]:
         """``(split, samples, conflict ratio, audio_aligned share of the conflicts)``."""
