@@ -23,7 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from src.core.modality import Modality
-from src.models.attention import Reallocator, reallocated
+from src.models.attention import build_reallocator, reallocated
 from src.models.modality_context import ModalityContext
 
 #: name -> (attention implementation without AR, Reallocator settings or None)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (_, settings) in VARIANTS.items():
         if settings is not None:
             monitor = name.endswith("+monitor")
-            reallocator = Reallocator(**settings, query_rows=args.query_rows, monitor=monitor)
+            reallocator = build_reallocator(**settings, query_rows=args.query_rows, monitor=monitor)
             reallocators[name] = reallocator.bind(context, args.layers)
 
     def run_variant(name: str, fn: Callable[[], None]) -> float:

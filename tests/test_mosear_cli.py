@@ -9,7 +9,8 @@ MOSE = str(REPO / "conf/experiment/mose_adapter.yaml")
 AR = [
     "--trainer.callbacks+=src.callbacks.attention_reallocation.AttentionReallocation",
     "--trainer.callbacks.init_args",
-    "{mode: span_mass, target: fixed, audio_share: 0.5}",
+    "{reallocator: {class_path: src.models.attention.strategies.Reweight,"
+    " init_args: {multipliers: {audio: 0.5}}}}",
 ]
 
 

@@ -1,19 +1,27 @@
 """AR as a Lightning callback: reallocate attention while testing or predicting, never in fit.
 
-Configured under ``trainer.callbacks`` like any callback::
+Configured under ``trainer.callbacks`` like any callback; the strategy is a ``class_path``::
 
     - class_path: src.callbacks.attention_reallocation.AttentionReallocation
-      init_args: {mode: span_mass, target: proportional, query_rows: text}
+      init_args:
+        reallocator:
+          class_path: src.models.attention.strategies.Reweight
+          init_args: {multipliers: {audio: 0.5}, strength: 0.5, query_rows: text}
+        calibration: {}          # choose strategy, strength and gate on validation instead
 
-On ``on_test_start``/``on_predict_start`` it binds a :class:`Reallocator` to
-``pl_module.model.modality_context`` and switches ``pl_module.model.backbone`` (the base model
-of a peft wrapper) to it through transformers' ``AttentionInterface``; ``on_*_end`` and
-``on_exception`` switch back. At the end of the epoch it logs the attention share per modality
-(reduced over processes) and a per-layer plot.
+On ``on_test_start``/``on_predict_start`` it (optionally) calibrates on the validation split or
+reuses the stored choice, binds the :class:`Reallocator` to ``pl_module.model.modality_context``
+and switches ``pl_module.model.backbone`` (the base model of a peft wrapper) to it through
+transformers' ``AttentionInterface``; ``on_*_end`` and ``on_exception`` switch back. With
+``gate: conflict`` each batch first gets the audio-only and visual-only predictions (AR
+suspended) and only disagreeing samples are reallocated. At the end of the epoch it logs the
+attention share per modality (reduced over processes), the gate rate and a per-layer plot.
 
 Metrics: ``<stage>/attn_share/<modality>`` is the share after reallocation (the attention the
 model actually used), ``<stage>/attn_share_before/<modality>`` the share before; both averaged
-over every monitored (sample, head, query row) of every layer.
+over every monitored (sample, head, query row) of every layer. ``<stage>/ar/gate_rate``: the
+fraction of samples reallocated; ``<stage>/ar/raised_over_relied``: 1 when the over-relied
+modality's share went up (also a warning).
 """
 
 import json
@@ -24,75 +32,57 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from src.io.atomic import atomic_open, atomic_write_text
+from src.metrics.closed_set import EmotionMetrics
+from src.models.attention.calibration import Calibration, read_record
+from src.models.attention.conflict_gate import conflict_gate
 from src.models.attention.interface import (
     install_reallocator,
     restore_attention,
     unique_name,
     unwrap_backbone,
 )
-from src.models.attention.reallocator import Mode, QueryRows, Reallocator, Target
+from src.models.attention.reallocator import Reallocator
 from src.models.attention.spans import MONITORED
+from src.models.attention.strategies import Reweight
+from src.tracking.artifacts import mlflow_logger
 
 FIGURE_FILES = {"test": "attention_share.png", "predict": "attention_share_predict.png"}
+CALIBRATION_ARTIFACT = "ar_calibration.json"
 
 
 class AttentionReallocation(Callback):
     """Attention reallocation (AR) between the audio and visual spans at test/predict time.
 
     Args:
-        mode: ``reweight`` (fixed post-softmax multipliers as a log-bias in SDPA), ``span_mass``
-            (move each row's audio/visual mass toward a target share, exactly, in SDPA) or
-            ``logit_scale`` (PAI's ``s + alpha |s|`` on one modality's logits, eager; the peer
-            baseline).
-        multipliers: ``reweight``: modality (``audio``, ``visual``, ``text``) -> multiplier > 0.
-        target: ``span_mass``: ``fixed`` (``audio_share``), ``proportional`` (to the visible
-            audio and visual token counts of each row) or ``from_adapter`` (MoSE's
-            ``pl_module.adapter.modality_weights()``: ``w_a / (w_a + w_v)``).
-        audio_share: ``span_mass`` + ``fixed``: target audio share of the audio+visual mass.
-        strength: ``span_mass``: fraction of the way to the target, in ``[0, 1]``.
-        scale_modality: ``logit_scale``: whose logits to amplify.
-        alpha: ``logit_scale``: PAI's amplification.
-        layers: decoder layers to act on (negative from the end); ``None`` = all.
-        heads: query heads to act on; ``None`` = all.
-        query_rows: ``last`` (the generating row), ``text`` (all text rows) or ``all``.
-        monitor: measure and log the per-layer attention share of each modality.
+        reallocator: the strategy (``class_path`` of a
+            :class:`~src.models.attention.reallocator.Reallocator` subclass in
+            ``src.models.attention.strategies``). Default: ``Reweight`` halving the over-relied
+            modality's (audio's) post-softmax weights on the text rows of every layer. Ignored
+            when ``calibration`` is set (the calibrated choice replaces it).
+        calibration: choose strategy, strength and gate on the validation split
+            (:class:`~src.models.attention.calibration.Calibration`); the choice is stored as
+            ``<checkpoint stem>.ar-<signature>.json`` beside the checkpoint and in MLflow, and
+            a later ``test``/``predict`` of that checkpoint reuses it.
         plot: log the per-layer plot (MLflow artifact, else a PNG in ``default_root_dir``).
     """
 
     def __init__(
         self,
-        mode: Mode = "span_mass",
-        multipliers: dict[str, float] | None = None,
-        target: Target = "proportional",
-        audio_share: float = 0.5,
-        strength: float = 1.0,
-        scale_modality: str = "visual",
-        alpha: float = 0.5,
-        layers: list[int] | None = None,
-        heads: list[int] | None = None,
-        query_rows: QueryRows = "text",
-        monitor: bool = True,
+        reallocator: Reallocator | None = None,
+        calibration: Calibration | None = None,
         plot: bool = True,
     ) -> None:
         super().__init__()
-        self.reallocator = Reallocator(
-            mode=mode,
-            multipliers=multipliers,
-            target=target,
-            audio_share=audio_share,
-            strength=strength,
-            scale_modality=scale_modality,
-            alpha=alpha,
-            layers=layers,
-            heads=heads,
-            query_rows=query_rows,
-            monitor=monitor,
-        )
+        self.reallocator = reallocator if reallocator is not None else Reweight()
+        self.calibration = calibration
         self.plot = plot
         self.name = unique_name()
+        self.record: dict[str, Any] | None = None
         self._installed: tuple[torch.nn.Module, str] | None = None
+        self._gate_counts = torch.zeros(2, dtype=torch.float64)
 
     @property
     def active(self) -> bool:
@@ -101,7 +91,7 @@ class AttentionReallocation(Callback):
 
     # ------------------------------------------------------------- activation
 
-    def _activate(self, pl_module: pl.LightningModule) -> None:
+    def _activate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._deactivate()  # a previous run that died without on_exception
         model = getattr(pl_module, "model", None)
         for attribute in ("backbone", "modality_context"):
@@ -110,15 +100,19 @@ class AttentionReallocation(Callback):
                     f"AttentionReallocation needs pl_module.model.{attribute}; "
                     f"{type(pl_module).__name__}.model has none"
                 )
-        backbone = model.backbone
-        base = unwrap_backbone(backbone)
-        weights = None
-        if self.reallocator.mode == "span_mass" and self.reallocator.target == "from_adapter":
-            adapter = getattr(pl_module, "adapter", None)
-            weights = adapter.modality_weights() if adapter is not None else None
-        self.reallocator.bind(model.modality_context, base.config.num_hidden_layers, weights)
-        original = install_reallocator(backbone, self.reallocator, self.name)
-        self._installed = (backbone, original)
+        if self.calibration is not None:
+            self.reallocator = self._calibrated(trainer, pl_module)
+        self._install(self.reallocator, pl_module)
+        self._gate_counts = torch.zeros(2, dtype=torch.float64)
+
+    def _install(self, reallocator: Reallocator, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        adapter = getattr(pl_module, "adapter", None)
+        weights = adapter.modality_weights() if adapter is not None else None
+        base = unwrap_backbone(model.backbone)
+        reallocator.bind(model.modality_context, base.config.num_hidden_layers, weights)
+        original = install_reallocator(model.backbone, reallocator, self.name)
+        self._installed = (model.backbone, original)
 
     def _deactivate(self) -> None:
         if self._installed is not None:
@@ -128,10 +122,10 @@ class AttentionReallocation(Callback):
             self.reallocator.unbind()  # drop the reference to the module's context
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activate(pl_module)
+        self._activate(trainer, pl_module)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activate(pl_module)
+        self._activate(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._deactivate()
@@ -147,6 +141,148 @@ class AttentionReallocation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # AR is inference-only: make sure nothing is left switched on when training begins.
         self._deactivate()
+
+    # ------------------------------------------------------------ conflict gate
+
+    def _gate(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if self.reallocator.gate != "conflict" or not self.active:
+            return
+        with self.reallocator.suspended():
+            gate = conflict_gate(pl_module, batch)
+        self.reallocator.set_sample_gate(gate)
+        self._gate_counts += torch.tensor([float(gate.sum()), float(gate.numel())])
+
+    def on_test_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._gate(pl_module, batch)
+
+    def on_predict_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._gate(pl_module, batch)
+
+    # -------------------------------------------------------------- calibration
+
+    def _calibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Reallocator:
+        """The calibrated choice: reused from the record beside the checkpoint, else chosen on
+        the validation split now (and stored)."""
+        assert self.calibration is not None
+        path = self.calibration.record_path(trainer.ckpt_path)
+        if path is not None and path.is_file():
+            record = read_record(path)
+            chosen = self.calibration.lookup(record, path)
+            source = f"reused {path.name}"
+        else:
+            record = self.calibrate(trainer, pl_module)
+            chosen = self.calibration.entry(record["chosen"])
+            source = "calibrated on validation"
+            if path is not None and trainer.is_global_zero and not path.exists():
+                atomic_write_text(path, json.dumps(record, indent=2))
+        self.record = record
+        if trainer.is_global_zero:
+            print(f"AR: {chosen.label() if record['chosen'] != 'none' else 'none'} ({source})")
+        self._log_record(trainer, record)
+        return chosen
+
+    def _validation_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list:
+        """The validation split's batches, on the module's device. Only the validation
+        dataloader is ever asked for: calibration never reads the test split."""
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        loader_fn = getattr(source, "val_dataloader", None)
+        if not callable(loader_fn):
+            raise RuntimeError(
+                "AR calibration needs a validation split (val_dataloader); none is configured"
+            )
+        return [trainer.strategy.batch_to_device(b, pl_module.device) for b in loader_fn()]
+
+    @torch.no_grad()
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Score no AR and every grid entry on the validation split; return the record."""
+        assert self.calibration is not None
+        batches = self._validation_batches(trainer, pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        model = pl_module.model
+        encode = getattr(pl_module, "encode_batch", None)
+        batches = [encode(b) if callable(encode) else b for b in batches]
+        gates: list[torch.Tensor] | None = None
+        if "conflict" in self.calibration.gates:
+            gates = [conflict_gate(pl_module, b) for b in batches]  # no AR is installed yet
+        template = getattr(pl_module, "val_metrics", None)
+        labels = len(model.labels)
+
+        def evaluate(entry: Reallocator | None) -> dict[str, float]:
+            # The module's own validation metric (it may know the split's Bayes bounds).
+            if isinstance(template, EmotionMetrics):
+                metrics = template.clone()
+            else:
+                metrics = EmotionMetrics(num_classes=labels, prefix="val/")
+            metrics.reset()
+            metrics = metrics.to(pl_module.device)
+            if entry is not None:
+                self._install(entry, pl_module)
+            try:
+                for index, batch in enumerate(batches):
+                    if entry is not None and entry.gate == "conflict":
+                        assert gates is not None
+                        entry.set_sample_gate(gates[index])
+                    scores = model.score_labels(batch)
+                    labelled = batch["labels"] >= 0
+                    metrics.update(
+                        scores.argmax(1)[labelled],
+                        batch["labels"][labelled],
+                        batch["subset_ids"][labelled],
+                    )
+            finally:
+                if entry is not None:
+                    self._deactivate_entry(entry)
+            return {k: float(v) for k, v in metrics.compute().items()}
+
+        try:
+            record = self.calibration.run(evaluate)
+        finally:
+            pl_module.train(was_training)
+        if gates is not None:
+            flags = torch.cat(gates).float()
+            record["val_gate_rate"] = float(flags.mean()) if flags.numel() else 0.0
+        record["checkpoint"] = Path(trainer.ckpt_path).name if trainer.ckpt_path else None
+        return record
+
+    def _deactivate_entry(self, entry: Reallocator) -> None:
+        if self._installed is not None:
+            backbone, original = self._installed
+            self._installed = None
+            restore_attention(backbone, self.name, original)
+        entry.unbind()
+
+    def _log_record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        chosen = next(e for e in record["entries"] if e["label"] == record["chosen"])
+        baseline = record["entries"][0]
+        logger.experiment.set_tag(logger.run_id, "ar.calibrated", record["chosen"])
+        logger.experiment.log_dict(logger.run_id, record, CALIBRATION_ARTIFACT)
+        logger.log_metrics(
+            {
+                "calibration/val_acc": chosen["val_acc"],
+                "calibration/val_objective": chosen["objective"],
+                "calibration/baseline_val_acc": baseline["val_acc"],
+                "calibration/baseline_val_objective": baseline["objective"],
+            },
+            step=trainer.global_step,
+        )
 
     # ---------------------------------------------------------------- reporting
 
@@ -167,19 +303,35 @@ class AttentionReallocation(Callback):
     def _reduce_and_summarise(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> dict[str, float]:
+        gate = self._gate_counts.to(pl_module.device)
+        if trainer.world_size > 1:
+            gate = trainer.strategy.reduce(gate, reduce_op="sum")
+        gate_metrics = {}
+        if self.reallocator.gate == "conflict" and float(gate[1]) > 0:
+            gate_metrics[f"{stage}/ar/gate_rate"] = float(gate[0] / gate[1])
         monitor = self.reallocator.monitor
         if monitor is None:
-            return {}
+            return gate_metrics
         state = monitor.state(pl_module.device).clone()
         if trainer.world_size > 1:
             state = trainer.strategy.reduce(state, reduce_op="sum")
         monitor.load_state(state.cpu())
         summary = monitor.summary()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(gate_metrics)
         for modality, value in summary["after"].items():
             metrics[f"{stage}/attn_share/{modality}"] = value
         for modality, value in summary["before"].items():
             metrics[f"{stage}/attn_share_before/{modality}"] = value
+        over = self.reallocator.over_relied
+        before, after = summary["before"].get(over), summary["after"].get(over)
+        if before is not None and after is not None and before == before:
+            raised = after > before + 1e-6
+            metrics[f"{stage}/ar/raised_over_relied"] = float(raised)
+            if raised:
+                rank_zero_warn(
+                    f"AR {self.reallocator.label()} raised the attention share of {over}, the "
+                    f"modality the model is taken to over-rely on ({before:.4f} -> {after:.4f})"
+                )
         return metrics
 
     def _log_artifacts(self, trainer: pl.Trainer, stage: str) -> None:
@@ -187,7 +339,9 @@ class AttentionReallocation(Callback):
         if monitor is None or not self.plot or not trainer.is_global_zero:
             return
         figure_file = FIGURE_FILES[stage]
-        fig = monitor.figure(title=f"{stage}: attention share per layer ({self.reallocator.mode})")
+        fig = monitor.figure(
+            title=f"{stage}: attention share per layer ({self.reallocator.label()})"
+        )
         table = self.share_table()
         mlflow = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
         if mlflow is not None:
@@ -211,7 +365,8 @@ class AttentionReallocation(Callback):
             return [[None if v != v else v for v in row] for row in shares.tolist()]
 
         return {
-            "mode": self.reallocator.mode,
+            "mode": self.reallocator.name,
+            "reallocator": self.reallocator.describe(),
             "modalities": [m.name.lower() for m in MONITORED],
             "count": monitor.count.tolist(),
             "before": rows(before),

@@ -10,8 +10,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from src.core.modality import Modality
 from src.models.attention import (
-    Reallocator,
     ShareMonitor,
+    build_reallocator,
     install_reallocator,
     reallocated,
     restore_attention,
@@ -97,6 +97,8 @@ class EagerReference:
         self.target = settings.get("target", "proportional")
         self.audio_share = settings.get("audio_share", 0.5)
         self.strength = settings.get("strength", 1.0)
+        self.only_away = settings.get("only_away", True)  # never raise audio (over-relied)
+        self.gated = settings.get("sample_gate")  # per-sample gate or None (all samples)
         self.alpha = settings.get("alpha", 0.5)
         self.scale_modality = settings.get("scale_modality", "visual")
         self.layers = [i % num_layers for i in settings.get("layers") or range(num_layers)]
@@ -137,7 +139,10 @@ class EagerReference:
                     continue
                 for h in self.heads or range(heads):
                     p = probs[b, h, row]
-                    if acts and self.mode == "reweight":
+                    gated_out = self.gated is not None and not self.gated[b]
+                    if gated_out:
+                        p = original[b, h, row]
+                    elif acts and self.mode == "reweight":
                         weights = torch.ones_like(p)
                         for name, w in self.multipliers.items():
                             weights[ids == int(Modality.parse(name))] = w
@@ -154,9 +159,10 @@ class EagerReference:
                             total, s = audio + visual, self.strength
                             new_audio = (1 - s) * audio + s * share * total
                             new_visual = (1 - s) * visual + s * (1 - share) * total
-                            p = p.clone()
-                            p[ids == A] *= new_audio / audio
-                            p[ids == V] *= new_visual / visual
+                            if not (self.only_away and new_audio > audio):
+                                p = p.clone()
+                                p[ids == A] *= new_audio / audio
+                                p[ids == V] *= new_visual / visual
                     probs[b, h, row] = p
                     before = _masses(original[b, h, row], ids)
                     after = _masses(p, ids)
@@ -204,7 +210,7 @@ def with_reference(model, batch, settings: dict, *, generate: int = 0):
 
 def with_ar(model, batch, settings: dict, *, generate: int = 0):
     """Run ``model`` under a Reallocator built from ``settings``; return (output, reallocator)."""
-    reallocator = Reallocator(**settings).bind(
+    reallocator = build_reallocator(**settings).bind(
         model._test_context, model.config.num_hidden_layers, {"audio": 1.0, "visual": 3.0}
     )
     with reallocated(model, reallocator):
@@ -238,7 +244,14 @@ SETTINGS = [
     {"mode": "reweight", "multipliers": {"text": 0.5, "visual": 2.0}, "query_rows": "all"},
     {"mode": "span_mass", "target": "proportional"},
     {"mode": "span_mass", "target": "fixed", "audio_share": 0.1, "strength": 0.7},
-    {"mode": "span_mass", "target": "fixed", "audio_share": 0.9, "layers": [-1], "heads": [0, 3]},
+    {
+        "mode": "span_mass",
+        "target": "fixed",
+        "audio_share": 0.9,
+        "layers": [-1],
+        "heads": [0, 3],
+        "only_away": False,
+    },
     {"mode": "span_mass", "target": "fixed", "audio_share": 0.2, "query_rows": "last"},
     {"mode": "logit_scale", "alpha": 0.5, "scale_modality": "visual"},
     {"mode": "logit_scale", "alpha": 0.8, "scale_modality": "audio", "query_rows": "last"},
@@ -286,7 +299,7 @@ def test_generation_changes_under_reallocation(model):
 def test_original_implementation_restored(model):
     batch = make_batch("left")
     plain = run(model, batch)
-    reallocator = Reallocator(mode="span_mass").bind(model._test_context, 2)
+    reallocator = build_reallocator(mode="span_mass").bind(model._test_context, 2)
     name = unique_name()
     original = install_reallocator(model, reallocator, name)
     assert original == "sdpa"
@@ -302,7 +315,7 @@ def test_original_implementation_restored(model):
 
 
 def test_restored_after_exception(model):
-    reallocator = Reallocator(mode="reweight").bind(model._test_context, 2)
+    reallocator = build_reallocator(mode="reweight").bind(model._test_context, 2)
     with pytest.raises(RuntimeError, match="no modality_ids"):
         with reallocated(model, reallocator):
             model(input_ids=torch.ones(1, 4, dtype=torch.long, device=model.device))  # unbound
@@ -313,7 +326,7 @@ def test_eager_original_is_restored_too():
     llm = tiny_llama()
     llm.set_attn_implementation("eager")
     context = ModalityContext()
-    reallocator = Reallocator(mode="reweight", multipliers={"visual": 2.0}).bind(context, 2)
+    reallocator = build_reallocator(mode="reweight", multipliers={"visual": 2.0}).bind(context, 2)
     with reallocated(llm, reallocator):
         assert llm.config._attn_implementation != "eager"
     assert llm.config._attn_implementation == "eager"
@@ -328,7 +341,7 @@ def test_refuses_training_mode(model):
 
 def test_unbound_reallocator_is_refused(model):
     with pytest.raises(RuntimeError, match="bind"):
-        install_reallocator(model, Reallocator(), unique_name())
+        install_reallocator(model, build_reallocator(), unique_name())
 
 
 # ------------------------------------------------------- the math, directly
@@ -416,22 +429,24 @@ def test_share_monitor_sums_selected_entries():
         ({"mode": "boost"}, "mode"),
         ({"multipliers": {"audio": 0.0}}, "multipliers"),
         ({"multipliers": {"smell": 2.0}}, "unknown modality"),
-        ({"audio_share": 1.5}, "audio_share"),
+        ({"mode": "span_mass", "audio_share": 1.5}, "audio_share"),
+        ({"gate": "sometimes"}, "gate"),
+        ({"over_relied": "text"}, "over_relied"),
         ({"query_rows": "first"}, "query_rows"),
         ({"strength": -0.1}, "strength"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        Reallocator(**kwargs)
+        build_reallocator(**kwargs)
 
 
 def test_from_adapter_needs_weights_and_uses_them(model):
     context = ModalityContext()
     with pytest.raises(ValueError, match="modality weights"):
-        Reallocator(mode="span_mass", target="from_adapter").bind(context, 2, None)
+        build_reallocator(mode="span_mass", target="from_adapter").bind(context, 2, None)
     with pytest.raises(ValueError, match="out of range"):
-        Reallocator(layers=[5]).bind(context, 2)
+        build_reallocator(layers=[5]).bind(context, 2)
     batch = make_batch("left")
     # with_ar binds weights audio 1, visual 3: the same as a fixed audio share of 1/4.
     from_adapter, _ = with_ar(model, batch, {"mode": "span_mass", "target": "from_adapter"})
@@ -445,7 +460,7 @@ def test_consecutive_forwards_do_not_reuse_stale_rows(model, monitor):
     same ``None`` mask) with other modality ids must not reuse it."""
     batch = make_batch(None)
     flipped = {k: v.flip(0) for k, v in batch.items()}
-    reallocator = Reallocator(
+    reallocator = build_reallocator(
         mode="reweight", multipliers={"visual": 4.0}, layers=[1], monitor=monitor
     ).bind(model._test_context, 2)
     with reallocated(model, reallocator):

@@ -78,7 +78,7 @@ def install_reallocator(backbone: nn.Module, reallocator: Reallocator, name: str
     AttentionInterface.register(name, _dispatcher(name))
     # The mask builder decides the mask format our function receives: boolean (or none, for
     # SDPA's is_causal path) for the SDPA modes, additive float for the eager PAI baseline.
-    mask_builder = eager_mask if reallocator.mode == "logit_scale" else sdpa_mask
+    mask_builder = eager_mask if reallocator.eager else sdpa_mask
     AttentionMaskInterface.register(name, mask_builder)
     _ACTIVE[name] = reallocator
     try:

@@ -1,21 +1,21 @@
-"""AR: the attention function that reallocates attention between the audio and visual spans.
+"""AR (attention reallocation): the base of every strategy, and the attention function itself.
 
-A :class:`Reallocator` is both the configuration (mode, multipliers, target share, layers, heads,
-query rows) and the attention function registered with transformers' ``AttentionInterface``
-(see :mod:`src.models.attention.interface`). Modes:
+:class:`Reallocator` owns everything the strategies share: which decoder layers, heads and query
+rows act, the strength (0 = identity, 1 = the strategy's full effect), the optional per-sample
+gate (conflict gating), the row/key bookkeeping of a forward, the SDPA call with an exact
+log-bias and the :class:`ShareMonitor`. A strategy (``src/models/attention/strategies/``)
+supplies only its per-row, per-modality factors on the post-softmax weights (``reweight``,
+``span_mass``) or, for the eager PAI baseline, its logit transform (``logit_scale``). A new
+intervention is one new file with one subclass.
 
-- ``reweight``: post-softmax weights of each modality's keys times a fixed multiplier, then
-  renormalised; done as an additive ``log w`` bias in SDPA.
-- ``span_mass``: per query row and head, the mass on the audio and on the visual span is measured
-  from a softmax of the selected rows' logits and moved toward a target audio share of their
-  sum; the exact per-row log factors go to SDPA as a bias, so the result equals post-softmax
-  reallocation.
-- ``logit_scale``: PAI's intervention ``s' = s + alpha |s|`` on one modality's logits, on an
-  explicit eager path (the peer baseline).
-
-Only the selected query rows are recomputed with a bias; the other rows keep plain SDPA.
+Multiplying the post-softmax weights of a key group by ``c`` and renormalising equals adding
+``log c`` to its logits, so factors become an additive float mask for SDPA; only the selected
+query rows are recomputed with a bias, the other rows keep plain SDPA.
 """
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -24,110 +24,152 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 
 from src.core.modality import Modality
 from src.models.attention.share_monitor import ShareMonitor
-from src.models.attention.spans import (
-    MONITORED,
-    key_one_hot,
-    keys_bias,
-    pai_logits,
-    reweighted_masses,
-    share_pair,
-    span_mass_factors,
-    span_mass_masses,
-    span_masses,
-)
+from src.models.attention.spans import MONITORED, key_one_hot, keys_bias, span_masses
 from src.models.modality_context import ModalityContext
 
-Mode = Literal["reweight", "span_mass", "logit_scale"]
-Target = Literal["fixed", "proportional", "from_adapter"]
 QueryRows = Literal["last", "text", "all"]
+Gate = Literal["all", "conflict"]
 
-MODES: tuple[str, ...] = ("reweight", "span_mass", "logit_scale")
-TARGETS: tuple[str, ...] = ("fixed", "proportional", "from_adapter")
 QUERY_ROWS: tuple[str, ...] = ("last", "text", "all")
+GATES: tuple[str, ...] = ("all", "conflict")
+#: The modalities AR moves attention between (``over_relied`` is one of them).
+PERCEPTUAL: tuple[str, ...] = ("audio", "visual")
 
 
 class Reallocator:
-    """Configuration and state of attention reallocation; call it as an attention function.
+    """Shared settings, bookkeeping and monitoring of AR; call it as an attention function.
+
+    Subclasses implement :meth:`factors` (or, with ``eager = True``, :meth:`transform_logits`)
+    and may override :meth:`settings` and :meth:`direction_warning`.
 
     Args:
-        mode: ``reweight``, ``span_mass`` or ``logit_scale`` (see the module docstring).
-        multipliers: ``reweight`` only: modality name (``audio``, ``visual``, ``text``) -> positive
-            multiplier of that modality's post-softmax weights; missing modalities keep 1.
-        target: ``span_mass`` only: where the target audio share comes from: ``fixed``
-            (``audio_share``), ``proportional`` (visible audio keys / visible audio+visual keys of
-            the row) or ``from_adapter`` (``w_a / (w_a + w_v)`` from MoSE's modality weights,
-            given to :meth:`bind`).
-        audio_share: ``span_mass`` with ``target="fixed"``: the audio share of the audio+visual
-            mass to move toward, in ``[0, 1]``.
-        strength: ``span_mass`` only: fraction of the way to the target, in ``[0, 1]``.
-        scale_modality: ``logit_scale`` only: the modality whose logits are amplified.
-        alpha: ``logit_scale`` only: PAI's amplification ``alpha >= 0``.
+        strength: how far to apply the strategy, in ``[0, 1]``: 0 is exactly the identity, 1 the
+            strategy's full effect; the effect grows monotonically in between (each strategy
+            says how it interpolates).
         layers: decoder layers to act on (negative counts from the end); ``None`` = all.
         heads: query heads to act on; ``None`` = all.
         query_rows: rows to act on: ``last`` (each sample's last non-padding row: the row that
             generates the next token), ``text`` (every text row, generated tokens included) or
             ``all`` (every non-padding row).
+        gate: ``all`` (every sample) or ``conflict`` (only samples whose audio-only and
+            visual-only predictions disagree; the AR callback measures that per batch and sets
+            :meth:`set_sample_gate`).
+        over_relied: the modality the model relies on most (the paper's premise: ``audio``).
+            AR's defaults never raise its share; a configuration that does is warned about.
         monitor: whether to measure per-layer attention shares (every layer, the selected rows
-            and heads). Costs one logits pass over the selected rows in ``reweight`` mode.
+            and heads). Costs one logits pass over the selected rows where the strategy does
+            not need it anyway.
     """
+
+    #: Short name of the strategy (metrics, plots, calibration records).
+    name = "identity"
+    #: Whether :meth:`factors` reads the rows' current masses (else they are computed only for
+    #: the monitor, and the bias is the same for every layer of a forward).
+    needs_masses = False
+    #: Whether the strategy runs on the explicit eager path (:meth:`transform_logits`).
+    eager = False
 
     def __init__(
         self,
-        mode: Mode = "span_mass",
-        multipliers: dict[str, float] | None = None,
-        target: Target = "proportional",
-        audio_share: float = 0.5,
         strength: float = 1.0,
-        scale_modality: str = "visual",
-        alpha: float = 0.5,
         layers: list[int] | None = None,
         heads: list[int] | None = None,
         query_rows: QueryRows = "text",
+        gate: Gate = "all",
+        over_relied: Literal["audio", "visual"] = "audio",
         monitor: bool = True,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"AR mode must be one of {MODES}, got {mode!r}")
-        if target not in TARGETS:
-            raise ValueError(f"AR target must be one of {TARGETS}, got {target!r}")
         if query_rows not in QUERY_ROWS:
             raise ValueError(f"AR query_rows must be one of {QUERY_ROWS}, got {query_rows!r}")
-        if not 0.0 <= audio_share <= 1.0:
-            raise ValueError(f"AR audio_share must be in [0, 1], got {audio_share}")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"AR strength must be in [0, 1], got {strength}")
-        if alpha < 0.0:
-            raise ValueError(f"AR alpha must be >= 0, got {alpha}")
-        self.multipliers: dict[Modality, float] = {}
-        for name, value in (multipliers or {}).items():
-            modality = Modality.parse(name)
-            if modality not in MONITORED:
-                raise ValueError(f"AR multipliers: no multiplier for modality {name!r}")
-            if not value > 0.0:
-                raise ValueError(f"AR multipliers[{name!r}] must be > 0, got {value}")
-            self.multipliers[modality] = float(value)
-        self.scale_modality = Modality.parse(scale_modality)
-        if self.scale_modality not in MONITORED:
-            raise ValueError(f"AR scale_modality must be audio, visual or text: {scale_modality!r}")
+        if gate not in GATES:
+            raise ValueError(f"AR gate must be one of {GATES}, got {gate!r}")
+        if over_relied not in PERCEPTUAL:
+            raise ValueError(f"AR over_relied must be one of {PERCEPTUAL}, got {over_relied!r}")
         if heads is not None and any(h < 0 for h in heads):
             raise ValueError(f"AR heads must be non-negative, got {heads}")
-        self.mode = mode
-        self.target = target
-        self.audio_share = float(audio_share)
-        self.strength = float(strength)
-        self.alpha = float(alpha)
+        self.strength = _check_strength(strength)
         self.layers = None if layers is None else [int(x) for x in layers]
         self.heads = None if heads is None else sorted({int(h) for h in heads})
         self.query_rows = query_rows
+        self.gate = gate
+        self.over_relied = over_relied
         self.monitor_enabled = monitor
         self.monitor: ShareMonitor | None = None
         self.calls = 0
         self._context: ModalityContext | None = None
         self._layer_set: frozenset[int] = frozenset()
-        self._adapter_share: float | None = None
         self._plan: _Plan | None = None
-        self._shares: torch.Tensor | None = None
-        # Multipliers in MONITORED order; modalities not given keep 1.
-        self._weights = torch.tensor([self.multipliers.get(m, 1.0) for m in MONITORED])
+        self._sample_gate: torch.Tensor | None = None
+        self._gate_version = 0
+        self._suspended = False
+
+    # ------------------------------------------------------------ strategy API
+
+    def factors(self, masses: torch.Tensor | None, plan: "_Plan") -> torch.Tensor:
+        """Per-row factors on the post-softmax weights of each monitored modality's keys.
+
+        Args:
+            masses: ``(B, H, U, 3)`` masses of the selected rows on audio, visual, text keys
+                (``None`` unless :attr:`needs_masses` or the monitor asks for them).
+            plan: the forward's bookkeeping (visible keys, proportional shares, ...).
+
+        Returns:
+            Positive factors broadcastable to ``(B, H, U, n)``, ``n`` in 2..3 (audio, visual[,
+            text]), already interpolated by :attr:`strength`. Rows outside the selection or the
+            gate are reset to 1 by the base.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements no factors()")
+
+    def transform_logits(
+        self, logits: torch.Tensor, key_ids: torch.Tensor, acting: torch.Tensor
+    ) -> torch.Tensor:
+        """Eager strategies: the new logits ``(B, H, Q, K)``; ``acting`` is a boolean
+        ``(B, H, Q, K)`` of the visible keys in the acting rows and heads."""
+        raise NotImplementedError(f"{type(self).__name__} implements no transform_logits()")
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the settings leave attention unchanged (strength 0, or no-op settings)."""
+        return self.strength == 0.0
+
+    def settings(self) -> dict[str, Any]:
+        """The strategy's own settings (plain values) for names, records and logs."""
+        return {}
+
+    def direction_warning(self) -> str | None:
+        """Why this configuration raises the over-relied modality's share, if it does (checked
+        when binding; the monitor's before/after check at the end of test covers the rest)."""
+        return None
+
+    # ------------------------------------------------------------- description
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides the reallocation, as plain values."""
+        return {
+            "strategy": self.name,
+            **self.settings(),
+            "strength": self.strength,
+            "gate": self.gate,
+            "layers": self.layers,
+            "heads": self.heads,
+            "query_rows": self.query_rows,
+        }
+
+    def label(self) -> str:
+        """A short stable name, e.g. ``reweight(audio=0.25) s=0.5 gate=conflict``."""
+        own = ", ".join(f"{k}={_short(v)}" for k, v in self.settings().items())
+        return f"{self.name}({own}) s={_short(self.strength)} gate={self.gate}"
+
+    def set_strength(self, strength: float) -> None:
+        """Change the strength (calibration tries several)."""
+        self.strength = _check_strength(strength)
+
+    def set_gate(self, gate: Gate) -> None:
+        """Change the gate (calibration tries both)."""
+        if gate not in GATES:
+            raise ValueError(f"AR gate must be one of {GATES}, got {gate!r}")
+        self.gate = gate
+        self._sample_gate = None
 
     # ----------------------------------------------------------------- binding
 
@@ -135,15 +177,6 @@ class Reallocator:
     def is_bound(self) -> bool:
         """Whether :meth:`bind` gave this reallocator a context (it is ready to run)."""
         return self._context is not None
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether the settings leave attention unchanged (multipliers 1, strength 0, alpha 0)."""
-        if self.mode == "reweight":
-            return all(w == 1.0 for w in self.multipliers.values())
-        if self.mode == "span_mass":
-            return self.strength == 0.0
-        return self.alpha == 0.0
 
     def bind(
         self,
@@ -156,8 +189,8 @@ class Reallocator:
         Args:
             context: the multimodal model's :class:`ModalityContext`.
             num_layers: number of decoder layers of the backbone.
-            modality_weights: ``{"audio": w_a, "visual": w_v}`` (MoSE); required for
-                ``target="from_adapter"`` in ``span_mass`` mode.
+            modality_weights: ``{"audio": w_a, "visual": w_v}`` of the adapter (MoSE), for
+                strategies that read them.
         """
         layers = range(num_layers) if self.layers is None else self.layers
         resolved = set()
@@ -166,21 +199,47 @@ class Reallocator:
             if not 0 <= index < num_layers:
                 raise ValueError(f"AR layers: {layer} is out of range for {num_layers} layers")
             resolved.add(index)
-        self._adapter_share = None
-        if self.mode == "span_mass" and self.target == "from_adapter":
-            self._adapter_share = _share_from_weights(modality_weights)
+        self.on_bind(modality_weights)
+        warning = None if self.is_identity else self.direction_warning()
+        if warning:
+            warnings.warn(
+                f"AR {self.label()} moves attention toward {self.over_relied}, the modality "
+                f"the model is taken to over-rely on: {warning}",
+                stacklevel=2,
+            )
         self._context = context
         self._layer_set = frozenset(resolved)
         self.monitor = ShareMonitor(num_layers) if self.monitor_enabled else None
         self.calls = 0
         self._plan = None
-        self._shares = None
+        self._sample_gate = None
         return self
+
+    def on_bind(self, modality_weights: dict[str, float] | None) -> None:
+        """Hook for strategies that read the adapter's modality weights at bind time."""
 
     def unbind(self) -> None:
         """Detach the context (the monitor's numbers stay readable)."""
         self._context = None
         self._plan = None
+        self._sample_gate = None
+
+    def set_sample_gate(self, gate: torch.Tensor | None) -> None:
+        """Which samples of the next forwards may be reallocated (``(B,)`` boolean; ``None`` =
+        all). A forward with ``R`` rows for ``B`` samples (label scoring repeats each prompt
+        once per label, ``repeat_interleave``) maps row ``r`` to sample ``r // (R / B)``."""
+        self._sample_gate = None if gate is None else gate.reshape(-1).bool()
+        self._gate_version += 1
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Plain attention (no reallocation, no monitoring) inside the ``with`` body: the
+        unimodal passes of the conflict gate and of calibration's baseline."""
+        previous, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = previous
 
     # ------------------------------------------------------- attention function
 
@@ -204,44 +263,42 @@ class Reallocator:
         if layer is None:
             raise RuntimeError(f"{type(module).__name__} has no layer_idx; AR needs it")
         self.calls += 1
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        acts = layer in self._layer_set
-        if self.mode == "logit_scale":
-            return self._pai_eager(module, layer, acts, query, key, value, attention_mask, scale)
-
-        acts = acts and not self.is_identity
         plain_kwargs = dict(kwargs, dropout=dropout, scaling=scaling)
+        if self._suspended:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        acts = layer in self._layer_set and not self.is_identity
+        if self.eager:
+            return self._eager(module, layer, acts, query, key, value, attention_mask, scale)
+
         if not (acts or self.monitor is not None):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
         plan = self._plan_for(layer, query, key, attention_mask)
         if plan.index is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+        acts = acts and plan.any_acting
 
         masses = None
-        if self.monitor is not None or self.mode == "span_mass":
+        if self.monitor is not None or (acts and self.needs_masses):
             groups = getattr(module, "num_key_value_groups", 1)
             rows_q = query if plan.full else query[:, :, plan.index]
             logits = _logits(rows_q, key, scale, groups) + plan.logit_mask()
             masses = span_masses(torch.softmax(logits, dim=-1), plan.one_hot())
 
-        sub_mask, after = None, None
-        if self.mode == "reweight":
-            if acts:
-                sub_mask = plan.reweight_mask(self._weights, query.dtype)
-            if masses is not None:
-                after = reweighted_masses(masses, self._weights.to(masses.device))
-        else:
-            shares = self._target_shares(plan)
-            factors = span_mass_factors(masses, shares, self.strength, plan.selected)
-            if acts:
+        sub_mask, factors = None, None
+        if acts:
+            if self.needs_masses:
+                factors = plan.gated(self.factors(masses, plan))
                 sub_mask = plan.sdpa_mask(query.dtype) + keys_bias(factors, plan.one_hot()).to(
                     query.dtype
                 )
-            if self.monitor is not None:
-                after = span_mass_masses(masses, factors)
+            else:
+                # Mass-independent factors: one mask serves every layer of the forward.
+                factors, sub_mask = plan.static(self, query.dtype)
 
         if self.monitor is not None:
-            self.monitor.update(layer, masses, after if acts else masses, plan.selected)
+            after = masses if factors is None else _apply(masses, factors)
+            self.monitor.update(layer, masses, after, plan.selected)
         if sub_mask is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
 
@@ -288,17 +345,35 @@ class Reallocator:
             or plan.attention_mask is not attention_mask
             or plan.q_len != q_len
             or plan.k_len != k_len
+            or plan.gate_version != self._gate_version
         ):
             device = query.device
             key_ids = self._context.keys(k_len).to(device)
             rows = self._rows(self._context.queries(q_len, k_len).to(device))
             head_mask = self._head_mask(heads, device)
-            plan = _Plan(key_ids, rows, attention_mask, q_len, head_mask, self.heads is None)
+            acting = rows & self._row_gate(rows.shape[0], device)[:, None]
+            plan = _Plan(
+                key_ids, rows, acting, attention_mask, q_len, head_mask, self.heads is None
+            )
+            plan.gate_version = self._gate_version
             self._plan = plan
         plan.layer = layer
         return plan
 
     # ------------------------------------------------------------------ helpers
+
+    def _row_gate(self, rows: int, device: torch.device) -> torch.Tensor:
+        """``(rows,)`` boolean: which forward rows belong to gated-in samples."""
+        if self.gate == "all":
+            return torch.ones(rows, dtype=torch.bool, device=device)
+        gate = self._sample_gate
+        if gate is None:
+            raise RuntimeError(
+                "AR gate 'conflict' needs a per-sample gate (set_sample_gate) before the forward"
+            )
+        if rows % gate.numel():
+            raise ValueError(f"a forward of {rows} rows does not split into {gate.numel()} samples")
+        return gate.to(device).repeat_interleave(rows // gate.numel())
 
     def _rows(self, query_ids: torch.Tensor) -> torch.Tensor:
         """Boolean ``(B, Q)``: the query rows AR acts on and the monitor counts."""
@@ -320,19 +395,7 @@ class Reallocator:
         mask[self.heads] = True
         return mask
 
-    def _target_shares(self, plan: "_Plan") -> torch.Tensor:
-        """Target shares ``(t, 1 - t)`` of the audio and visual span, ``(2,)`` or ``(B,1,U,2)``."""
-        if self.target == "proportional":
-            return plan.proportional_shares()
-        if self.target == "from_adapter" and self._adapter_share is None:
-            raise RuntimeError("AR target 'from_adapter' needs modality weights in bind()")
-        device = plan.key_ids.device
-        if self._shares is None or self._shares.device != device:
-            share = self.audio_share if self.target == "fixed" else self._adapter_share
-            self._shares = share_pair(share).to(device)
-        return self._shares
-
-    def _pai_eager(
+    def _eager(
         self,
         module: nn.Module,
         layer: int,
@@ -343,7 +406,7 @@ class Reallocator:
         attention_mask: torch.Tensor | None,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eager attention with PAI's logit amplification (the peer baseline's code path)."""
+        """Eager attention with the strategy's logit transform (the PAI baseline's code path)."""
         batch, heads, q_len, _ = query.shape
         k_len = key.shape[2]
         groups = getattr(module, "num_key_value_groups", 1)
@@ -357,11 +420,12 @@ class Reallocator:
             logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
         key_ids = self._context.keys(k_len).to(query.device)
         rows = self._rows(self._context.queries(q_len, k_len).to(query.device))
-        selected = rows[:, None] & self._head_mask(heads, query.device)[None, :, None]
+        head_mask = self._head_mask(heads, query.device)[None, :, None]
+        selected = rows[:, None] & head_mask
+        acting = (rows & self._row_gate(rows.shape[0], query.device)[:, None])[:, None] & head_mask
         scaled = logits
-        if acts and self.alpha != 0.0:
-            target = (key_ids == int(self.scale_modality))[:, None, None] & visible
-            scaled = pai_logits(logits, target & selected[..., None], self.alpha)
+        if acts:
+            scaled = self.transform_logits(logits, key_ids, acting[..., None] & visible)
         weights = nn.functional.softmax(scaled, dim=-1, dtype=torch.float32)
         if self.monitor is not None:
             one_hot = key_one_hot(key_ids)  # (B, 1, K, 3)
@@ -372,12 +436,42 @@ class Reallocator:
         return out, weights
 
 
+def _check_strength(strength: float) -> float:
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"AR strength must be in [0, 1], got {strength}")
+    return float(strength)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _apply(masses: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Masses after multiplying each modality's weights by ``factors`` and renormalising."""
+    n = factors.shape[-1]
+    full = torch.cat([masses[..., :n] * factors, masses[..., n:]], dim=-1)
+    return full / full.sum(-1, keepdim=True)
+
+
+def modality_index(name: str) -> int:
+    """Position of ``audio``/``visual``/``text`` in :data:`MONITORED` (masses, factors)."""
+    modality = Modality.parse(name)
+    if modality not in MONITORED:
+        raise ValueError(f"AR: {name!r} is not one of audio, visual, text")
+    return MONITORED.index(modality)
+
+
 class _Plan:
     """Row and key bookkeeping shared by every layer of one forward (cheap to reuse in decode).
 
     Args:
         key_ids: ``(B, K)`` key modality ids.
-        rows: ``(B, Q)`` boolean, the selected query rows.
+        rows: ``(B, Q)`` boolean, the selected query rows (monitored).
+        acting: ``(B, Q)`` boolean, the selected rows of gated-in samples (reallocated).
         attention_mask: the mask the layers receive (kept to recognise the same forward).
         q_len: query length.
         head_mask: ``(H,)`` boolean, the selected heads.
@@ -388,6 +482,7 @@ class _Plan:
         self,
         key_ids: torch.Tensor,
         rows: torch.Tensor,
+        acting: torch.Tensor,
         attention_mask: torch.Tensor | None,
         q_len: int,
         head_mask: torch.Tensor,
@@ -398,9 +493,11 @@ class _Plan:
         self.q_len = q_len
         self.k_len = key_ids.shape[1]
         self.layer = -1
+        self.gate_version = 0
         index = rows.any(0).nonzero().squeeze(1)
         self.index = index if index.numel() else None
         self.full = index.numel() == q_len
+        self.any_acting = False
         if self.index is None:
             return
         batch = rows.shape[0]
@@ -408,13 +505,33 @@ class _Plan:
             attention_mask, index, batch, q_len, self.k_len, key_ids.device
         )
         self.selected = rows[:, None, index] & head_mask[None, :, None]  # (B, H, U)
+        self.acting = acting[:, None, index] & head_mask[None, :, None]
+        self.any_acting = bool(self.acting.any())
         # With every head selected, one mask row serves all heads.
-        self.selected_rows = self.selected[:, :1] if all_heads else self.selected
+        self.acting_rows = self.acting[:, :1] if all_heads else self.acting
         self.own_rows = rows[:, index, None, None]  # (B, U, 1, 1), output layout
         self.all_own = bool(self.own_rows.all())
         dead = ~self.visible.any(-1)  # (B, 1, U)
         self.dead_rows = dead.transpose(1, 2)[..., None] if bool(dead.any()) else None
         self._cache: dict[str, Any] = {}
+
+    def gated(self, factors: torch.Tensor) -> torch.Tensor:
+        """``factors`` on the acting rows and heads, 1 elsewhere, ``(B, H, U, n)``."""
+        return torch.where(self.acting[..., None], factors, torch.ones((), device=factors.device))
+
+    def static(
+        self, strategy: "Reallocator", dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors and float SDPA mask of a mass-independent strategy, the same for every
+        layer of the forward (built once)."""
+        key = f"static_{dtype}"
+        if key not in self._cache:
+            raw = strategy.factors(None, self).to(self.key_ids.device)
+            shape = (*self.acting_rows.shape, raw.shape[-1])
+            factors = torch.where(self.acting_rows[..., None], raw.expand(shape), 1.0)
+            bias = keys_bias(factors, self.one_hot()).to(dtype)
+            self._cache[key] = (factors, self.sdpa_mask(dtype) + bias)
+        return self._cache[key]
 
     def one_hot(self) -> torch.Tensor:
         """Key membership ``(B, 1, K, 3)`` in audio, visual, text (float32)."""
@@ -438,16 +555,6 @@ class _Plan:
             self._cache[key] = torch.where(self.visible, base, torch.finfo(dtype).min)
         return self._cache[key]
 
-    def reweight_mask(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``reweight``'s float mask (mask + ``log w`` of each key), the same for every layer."""
-        key = f"reweight_{dtype}"
-        if key not in self._cache:
-            factors = weights.to(self.key_ids.device).expand(*self.selected_rows.shape, -1)
-            factors = torch.where(self.selected_rows[..., None], factors, 1.0)
-            bias = keys_bias(factors, self.one_hot()).to(dtype)
-            self._cache[key] = self.sdpa_mask(dtype) + bias
-        return self._cache[key]
-
     def proportional_shares(self) -> torch.Tensor:
         """Visible audio and visual keys over their sum, per row, ``(B, 1, U, 2)``."""
         if "shares" not in self._cache:
@@ -455,22 +562,6 @@ class _Plan:
             # Rows without both spans are left alone later; avoid 0/0 here.
             self._cache["shares"] = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         return self._cache["shares"]
-
-
-def _share_from_weights(weights: dict[str, float] | None) -> float:
-    """``w_a / (w_a + w_v)`` from MoSE modality weights, with clear errors."""
-    if weights is None:
-        raise ValueError(
-            "AR target 'from_adapter' needs modality weights, but the adapter has none "
-            "(Adapter.modality_weights() returned None)"
-        )
-    try:
-        audio, visual = float(weights["audio"]), float(weights["visual"])
-    except KeyError as err:
-        raise ValueError(f"AR modality weights lack {err.args[0]!r}: got {weights}") from None
-    if audio < 0 or visual < 0 or audio + visual <= 0:
-        raise ValueError(f"AR modality weights must be >= 0 with a positive sum, got {weights}")
-    return audio / (audio + visual)
 
 
 def _logits(query: torch.Tensor, key: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
