@@ -114,6 +114,7 @@ class EmotionLLMModule(L.LightningModule):
     def _training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         batch = self.encode_batch(batch)
         self.adapter.on_train_batch_start(self.model, batch, self.global_step)
+        batch = self.adapter.prepare_train_batch(self.model, batch, self.global_step)
         lm_loss = self.model.lm_loss(batch)
         loss = lm_loss
         aux = self.adapter.auxiliary_loss()
@@ -130,6 +131,8 @@ class EmotionLLMModule(L.LightningModule):
         self.log("train/lm_loss", lm_loss, batch_size=size)
         for key, value in self.adapter.step_metrics().items():
             self.log(f"train/{key}", value, batch_size=size)
+        for modality, scale in (self.adapter.lr_scales() or {}).items():
+            self.log(f"train/lr_scale/{modality}", scale, batch_size=size)
         return loss
 
     # --------------------------------------------------------------------------- evaluation
@@ -231,9 +234,30 @@ class EmotionLLMModule(L.LightningModule):
                 f"{missing[:3]}: was it saved with another adapter or projector setting?"
             )
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups: one per modality (its projectors and the adapter's parameters of
+        that modality, e.g. MoSE's experts) and one ``shared`` group for the rest, so an
+        adapter's :meth:`~src.models.adapters.base.Adapter.lr_scales` can modulate each
+        modality's update."""
+        by_modality = self.adapter.modality_parameters(self.model)
+        for stream in self.model.streams:
+            params = self.model.projectors[stream.name].parameters()
+            by_modality.setdefault(stream.modality_id.name.lower(), []).extend(params)
+        groups, seen = [], set()
+        for modality, params in by_modality.items():
+            params = [p for p in params if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append({"params": params, "name": modality, "modality": modality})
+        shared = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
+        if shared:
+            groups.append({"params": shared, "name": "shared", "modality": None})
+        return groups
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.param_groups(), lr=self.lr, weight_decay=self.weight_decay
+        )
         if self.warmup_steps <= 0:
             return optimizer
         warmup = self.warmup_steps
@@ -242,3 +266,27 @@ class EmotionLLMModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """The optimizer step with each modality group's learning rate times the adapter's
+        factor for this step (read after the closure ran the training step, restored after,
+        so schedulers and the LR monitor see the unscaled rates)."""
+        saved: list[tuple[dict[str, Any], float]] = []
+
+        def closure() -> Any:
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            scales = self.adapter.lr_scales() or {}
+            for group in optimizer.param_groups:
+                scale = scales.get(group.get("modality"))
+                if scale is not None:
+                    saved.append((group, group["lr"]))
+                    group["lr"] = group["lr"] * float(scale)
+            return loss
+
+        try:
+            optimizer.step(closure=closure)
+        finally:
+            for group, lr in saved:
+                group["lr"] = lr

@@ -7,16 +7,18 @@ Every MoSE layer multiplies the output of a modality's experts by that modality'
 - ``learned`` (:class:`LearnedModalityWeights`): ``w = 2 * softmax(theta)``, trained with the rest
   of MoSE (``theta`` starts at zero, so ``w`` starts at ``(1, 1)`` and always sums to 2).
 - ``dominance`` (:class:`DominanceModalityWeights`): OGM-GE-style. Before a training step it
-  measures how confident the model is on the gold label from audio alone (visual tokens masked)
+  measures how well the model does on the gold label from audio alone (visual tokens masked)
   and from visual alone (audio masked), and shrinks the weight of the dominant modality, giving
-  the difference to the other one. See ``docs/mose.md`` for the equations.
+  the difference to the other one. The measure (``signal``) is the gold-label probability, the
+  gold log-likelihood over chance (``log p + log K``, which moves where probabilities are
+  compressed near chance) or the unimodal batch accuracy over chance. See ``docs/mose.md``.
 
 The weights live in one module registered on the backbone (``mose_modality_weights``), so the
 learned parameters train and the measured weights travel with MoSE checkpoints.
 """
 
 import math
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -117,12 +119,26 @@ class DominanceModalityWeights(ModalityWeights):
             no-grad scoring passes).
         min_weight: Floor of the dominant modality's weight (the other gets at most
             ``2 - min_weight``).
+        signal: What ``s_a``, ``s_v`` measure: ``confidence`` (mean gold-label probability),
+            ``loglik`` (mean gold log-likelihood over chance, ``max(0, mean log p + log K)``)
+            or ``accuracy`` (unimodal batch accuracy over chance, ``max(0, acc - 1/K)``).
+        conserve_sum: Give the weaker modality ``2 - w_dom`` (the sum stays 2: MoSE's
+            rebalancing); ``False`` keeps it at 1 (OGM-GE's coefficient, which only slows the
+            dominant modality).
     """
 
     def __init__(
-        self, alpha: float = 0.5, momentum: float = 0.9, interval: int = 1, min_weight: float = 0.1
+        self,
+        alpha: float = 0.5,
+        momentum: float = 0.9,
+        interval: int = 1,
+        min_weight: float = 0.1,
+        signal: Literal["confidence", "loglik", "accuracy"] = "confidence",
+        conserve_sum: bool = True,
     ) -> None:
         super().__init__()
+        if signal not in SIGNALS:
+            raise ValueError(f"dominance signal must be one of {SIGNALS}, got {signal!r}")
         if alpha < 0:
             raise ValueError(f"dominance alpha must be >= 0, got {alpha}")
         if not 0.0 <= momentum < 1.0:
@@ -135,6 +151,8 @@ class DominanceModalityWeights(ModalityWeights):
         self.momentum = momentum
         self.interval = interval
         self.min_weight = min_weight
+        self.signal = signal
+        self.conserve_sum = conserve_sum
         # Persistent: the measured weights change predictions, so checkpoints must carry them.
         self.register_buffer("_w", torch.ones(len(WEIGHTED_MODALITIES)))
         #: Last measured ``(s_audio, s_visual, rho)``, for logging.
@@ -152,7 +170,7 @@ class DominanceModalityWeights(ModalityWeights):
         w_dom = max(self.min_weight, 1.0 - math.tanh(self.alpha * (ratio - 1.0)))
         target = torch.empty(2)
         target[dominant] = w_dom
-        target[1 - dominant] = 2.0 - w_dom
+        target[1 - dominant] = 2.0 - w_dom if self.conserve_sum else 1.0
         return target
 
     @torch.no_grad()
@@ -166,19 +184,24 @@ class DominanceModalityWeights(ModalityWeights):
     def update(self, llm: LabelScorer, batch: dict[str, Any], step: int) -> None:
         if step % self.interval != 0:
             return
-        measured = unimodal_confidence(llm, batch)
+        measured = unimodal_confidence(llm, batch, self.signal)
         if measured is not None:
             self.observe(*measured)
 
 
 @torch.no_grad()
-def unimodal_confidence(llm: LabelScorer, batch: dict[str, Any]) -> tuple[float, float] | None:
-    """Mean gold-label probability from audio only and from visual only, over all ranks.
+def unimodal_confidence(
+    llm: LabelScorer, batch: dict[str, Any], signal: str = "confidence"
+) -> tuple[float, float] | None:
+    """The unimodal ``signal`` (see :class:`DominanceModalityWeights`) from audio only and from
+    visual only, over all ranks.
 
     Runs ``llm.score_labels`` twice in eval mode (no dropout) with the other modality dropped.
     Under DDP the sums are all-reduced so every rank gets the same weights. Returns ``None`` when
     no sample of the batch (on any rank) has a label.
     """
+    if signal not in SIGNALS:
+        raise ValueError(f"dominance signal must be one of {SIGNALS}, got {signal!r}")
     labels = batch.get("labels")
     if labels is None:
         raise KeyError("batch field 'labels' is required by the dominance modality weights")
@@ -192,10 +215,19 @@ def unimodal_confidence(llm: LabelScorer, batch: dict[str, Any]) -> tuple[float,
     labels = labels.to(audio_only.device)
     valid = labels >= 0
     gold = labels.clamp_min(0).unsqueeze(1)
+
+    def per_sample(scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float(), -1)
+        if signal == "confidence":
+            return logp.gather(1, gold).squeeze(1).exp()
+        if signal == "loglik":
+            return logp.gather(1, gold).squeeze(1)
+        return (logp.argmax(-1) == gold.squeeze(1)).float()
+
     sums = torch.stack(
         [
-            (torch.softmax(audio_only.float(), -1).gather(1, gold).squeeze(1) * valid).sum(),
-            (torch.softmax(visual_only.float(), -1).gather(1, gold).squeeze(1) * valid).sum(),
+            (per_sample(audio_only) * valid).sum(),
+            (per_sample(visual_only) * valid).sum(),
             valid.sum().float(),
         ]
     )
@@ -203,10 +235,17 @@ def unimodal_confidence(llm: LabelScorer, batch: dict[str, Any]) -> tuple[float,
         torch.distributed.all_reduce(sums)
     if sums[2].item() == 0:
         return None
-    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    s_a, s_v = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    chance = 1.0 / audio_only.shape[-1]
+    if signal == "loglik":  # nats over chance
+        s_a, s_v = max(0.0, s_a - math.log(chance)), max(0.0, s_v - math.log(chance))
+    elif signal == "accuracy":  # accuracy over chance
+        s_a, s_v = max(0.0, s_a - chance), max(0.0, s_v - chance)
+    return s_a, s_v
 
 
 STRATEGIES = ("none", "learned", "dominance")
+SIGNALS = ("confidence", "loglik", "accuracy")
 
 
 def build_modality_weights(strategy: str, **kwargs: Any) -> ModalityWeights:

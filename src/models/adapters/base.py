@@ -44,6 +44,22 @@ class Adapter(ABC):
         """Current audio/visual weights, when the adapter has them (AR may target these)."""
         return None
 
+    def prepare_train_batch(
+        self, llm: "MultimodalEmotionLLM", batch: dict[str, Any], step: int
+    ) -> dict[str, Any]:
+        """The batch the training forward uses (for example with a modality dropped)."""
+        return batch
+
+    def modality_parameters(self, llm: "MultimodalEmotionLLM") -> dict[str, list[nn.Parameter]]:
+        """The adapter's parameters that belong to one modality (``audio``/``visual``: MoSE's
+        experts); they join that modality's optimizer group with its projectors."""
+        return {}
+
+    def lr_scales(self) -> dict[str, float] | None:
+        """Per-modality learning-rate factors for this step (``None``: no modulation). They
+        scale the update itself, which, unlike a gradient scale, AdamW does not undo."""
+        return None
+
     def figures(self) -> dict[str, Any]:
         """Matplotlib figures to log as MLflow artifacts at the end of fit (file name -> figure)."""
         return {}

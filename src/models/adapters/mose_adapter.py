@@ -67,6 +67,13 @@ class MoSEAdapter(Adapter):
         dominance_momentum: ``"dominance"``: EMA factor of the weights.
         dominance_interval: ``"dominance"``: measure every this many training steps.
         dominance_min_weight: ``"dominance"``: floor of the dominant modality's weight.
+        dominance_signal: ``"dominance"``: what is compared: ``confidence`` (gold-label
+            probability), ``loglik`` (gold log-likelihood over chance) or ``accuracy``
+            (unimodal batch accuracy over chance); see :mod:`src.models.modality_weights`.
+        weight_outputs: Scale each modality's expert outputs by its weight in the forward
+            (MoSE's dynamic modality weights as in the paper).
+        modulate_lr: Also scale the learning rate of each modality's experts and projectors by
+            its weight (the update itself, which survives AdamW; a gradient scale does not).
         compile: Fuse each layer's adapter math with ``torch.compile`` (for GPUs, where its
             small kernels are launch-bound; the first steps pay the compilation).
     """
@@ -94,6 +101,9 @@ class MoSEAdapter(Adapter):
         dominance_momentum: float = 0.9,
         dominance_interval: int = 1,
         dominance_min_weight: float = 0.1,
+        dominance_signal: Literal["confidence", "loglik", "accuracy"] = "confidence",
+        weight_outputs: bool = True,
+        modulate_lr: bool = False,
         compile: bool = False,
     ) -> None:
         self.layer_kwargs: dict[str, Any] = {
@@ -125,6 +135,7 @@ class MoSEAdapter(Adapter):
                 "momentum": dominance_momentum,
                 "interval": dominance_interval,
                 "min_weight": dominance_min_weight,
+                "signal": dominance_signal,
             },
         }
         if modality_weighting not in strategy_kwargs:
@@ -135,6 +146,15 @@ class MoSEAdapter(Adapter):
         self.weights: ModalityWeights = build_modality_weights(
             modality_weighting, **strategy_kwargs[modality_weighting]
         )
+        self.weight_outputs = weight_outputs
+        self.modulate_lr = modulate_lr
+        if not weight_outputs and not modulate_lr and modality_weighting != "none":
+            raise ValueError(
+                f"modality_weighting {modality_weighting!r} acts through weight_outputs or "
+                "modulate_lr; both are off"
+            )
+        #: ``(step, w_audio, w_visual)`` after every update: the trajectory plot.
+        self.history: list[tuple[int, float, float]] = []
         self.mose_layers: list[MoSELinear] = []
         self.layer_names: list[str] = []
         self._pending_loss: torch.Tensor | None = None
@@ -152,7 +172,8 @@ class MoSEAdapter(Adapter):
             llm.modality_context,
             target_modules=self.target_modules,
             layers=self.layers,
-            modality_weights=self.weights,
+            # Without weight_outputs the forward keeps weight 1; the weights drive the LR only.
+            modality_weights=self.weights if self.weight_outputs else None,
             **self.layer_kwargs,
         )
         by_id = {id(m): n for n, m in mose_layers(llm.backbone)}
@@ -170,6 +191,8 @@ class MoSEAdapter(Adapter):
             layer.clear_records()
         self._pending_loss = None
         self.weights.update(llm, batch, step)
+        w = self.weights.as_dict()
+        self.history.append((step, w["audio"], w["visual"]))
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         self._consume()
@@ -191,11 +214,27 @@ class MoSEAdapter(Adapter):
     def modality_weights(self) -> dict[str, float] | None:
         return self.weights.as_dict()
 
+    def modality_parameters(self, llm: "MultimodalEmotionLLM") -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {m: [] for m in _LOGGED_MODALITIES}
+        for layer in self.mose_layers:
+            for name in _LOGGED_MODALITIES:
+                if name in layer.experts:
+                    groups[name].append(layer.experts[name])
+                if name in layer.gates:
+                    groups[name].extend(layer.gates[name].parameters())
+        return groups
+
+    def lr_scales(self) -> dict[str, float] | None:
+        return self.weights.as_dict() if self.modulate_lr else None
+
     def figures(self) -> dict[str, Any]:
+        out = {}
         table = self.usage_table()
-        if not table:
-            return {}
-        return {"expert_usage.png": plot_expert_usage(table, self.layer_names)}
+        if table:
+            out["expert_usage.png"] = plot_expert_usage(table, self.layer_names)
+        if self.history and self.weighting != "none":
+            out["modality_weights.png"] = plot_weight_trajectory(self.history, "MoSE")
+        return out
 
     # --- statistics --------------------------------------------------------------------------
 
@@ -294,6 +333,21 @@ def plot_expert_usage(table: dict[str, torch.Tensor], layer_names: list[str]) ->
         ax.set_yticklabels(labels[: usage.shape[0]] if group == groups[0] else [], fontsize=7)
         fig.colorbar(image, ax=ax, label="mean gate weight")
     fig.suptitle("MoSE expert usage per modality")
+    return fig
+
+
+def plot_weight_trajectory(history: list[tuple[int, float, float]], title: str) -> Figure:
+    """Audio and visual weights (or LR factors) against the training step."""
+    steps = [h[0] for h in history]
+    fig = Figure(figsize=(6.0, 3.5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, [h[1] for h in history], color="tab:orange", label="audio")
+    ax.plot(steps, [h[2] for h in history], color="tab:blue", label="visual")
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("modality weight")
+    ax.set_title(f"{title}: modality weights over training")
+    ax.legend()
     return fig
 
 
