@@ -1,0 +1,50 @@
+"""experiments/ablation.py on one tiny world, one seed, one epoch: every method runs (fits in
+parallel subprocesses, +AR variants test-only on the fit's checkpoint), the summary and the
+compare outputs exist, and a second call skips every finished run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+METHODS = ["lora", "lora_ar", "mose", "mosear", "dropout", "ogm_ge"]
+
+
+def ablation(workdir, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, str(REPO / "experiments/ablation.py"),
+        "--worlds", str(REPO / "tests/conf/world_tiny.yaml"), "--seeds", "0", "--epochs", "1",
+        "--jobs", "2", "--output", "abl", "--experiment", "abl", *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_ablation_runs_every_method_and_resumes(workdir):
+    first = ablation(workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 runs, 0 already finished (skipped), 6 to run" in first.stdout
+    runs = workdir / "abl" / "runs" / "world_tiny"
+    results = {m: json.loads((runs / m / "seed0" / "result.json").read_text()) for m in METHODS}
+    for method, result in results.items():
+        assert {"test/acc", "test/modality_gap"} <= set(result["metrics"]), method
+    # The +AR variants are test-only runs of the fit's checkpoint, with calibrated AR whose
+    # choice sits beside that checkpoint.
+    for ar, fit in (("lora_ar", "lora"), ("mosear", "mose")):
+        assert not list((runs / ar).rglob("*.ckpt"))
+        ckpt = results[fit]["checkpoint"]
+        assert list((runs / fit).rglob("*.ar-*.json")), f"no calibration record beside {ckpt}"
+        assert "AR: " in (runs / ar / "seed0" / "log.txt").read_text()
+        assert "test/attn_share/audio" in results[ar]["metrics"]
+    table = (workdir / "abl" / "ablation.md").read_text()
+    for method in METHODS:
+        assert f"| world_tiny | {method} | 1 |" in table
+    assert (workdir / "abl" / "ablation.png").stat().st_size > 0
+    assert (workdir / "abl" / "compare" / "world_tiny" / "comparison.md").is_file()
+    # Resumable: nothing is run again.
+    second = ablation(workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "6 runs, 6 already finished (skipped), 0 to run" in second.stdout
