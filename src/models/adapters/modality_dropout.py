@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.adapters.lora import LoRAAdapter
 
 if TYPE_CHECKING:  # pragma: no cover

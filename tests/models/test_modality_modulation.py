@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from src.cli import main
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.adapters.modality_dropout import ModalityDropoutLoRAAdapter
 from src.models.adapters.ogm_ge import OGMGELoRAAdapter
 from src.models.modality_weights import DominanceModalityWeights

@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from src.callbacks.attention_reallocation import AttentionReallocation
-from src.data.modality import Modality
+from src.core.modality import Modality
 from src.models.attention import LogitScale, Reweight, SpanMass, reallocated
 from src.models.attention.calibration import NONE, Calibration
 from src.models.attention.reallocator import _apply
 from src.models.modality_context import ModalityContext
-from tests.test_attention_reallocation import make_batch, run, tiny_llama
+from tests.models.test_attention_reallocation import make_batch, run, tiny_llama
 
 T, A, V, P = (int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VISUAL), int(Modality.PAD))
 STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
