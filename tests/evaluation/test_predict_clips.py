@@ -25,6 +25,7 @@ from src.data.components.tokenizer import build_word_tokenizer
 from src.data.formats.rows import FormatError
 from src.evaluation.clip_evidence import clip_attention_shares, conflicts, js_divergence
 from src.evaluation.clip_report_writer import ClipReportWriter, summary_line
+from src.models.attention import SpanMass
 from src.models.attention.share_monitor import ShareMonitor
 from src.models.emotion_module import EmotionLLMModule
 from tests.conftest import REPO, TINY_CONFIG
@@ -249,9 +250,9 @@ def test_attention_shares_per_clip_with_ar(realdata, kit, tmp_path):
     """AR span_mass toward equal audio and visual mass on each sequence's last row: every clip's
     share after is audio == visual; the per-clip records add up to the callback's totals, so the
     unimodal passes are kept out of them."""
-    ar = AttentionReallocation(
-        mode="span_mass", target="fixed", audio_share=0.5, query_rows="last", plot=False
-    )
+    # only_away off: the point is the per-clip bookkeeping of an exact target, either direction.
+    strategy = SpanMass(target="fixed", audio_share=0.5, query_rows="last", only_away=False)
+    ar = AttentionReallocation(strategy, plot=False)
     data = clips_module(kit, realdata / "mer2023-mini" / "video")
     records = predict(tiny_module(kit), data, tmp_path / "ar.jsonl", ar)
     assert len(records) == 6
