@@ -220,6 +220,7 @@ class AttentionReallocation(Callback):
         if "conflict" in self.calibration.gates:
             gates = [conflict_gate(pl_module, b) for b in batches]  # no AR is installed yet
         template = getattr(pl_module, "val_metrics", None)
+        bayes = getattr(trainer.datamodule, "bayes_bounds", None)
         labels = len(model.labels)
 
         def evaluate(entry: Reallocator | None) -> dict[str, float]:
@@ -228,6 +229,8 @@ class AttentionReallocation(Callback):
                 metrics = template.clone()
             else:
                 metrics = EmotionMetrics(num_classes=labels, prefix="val/")
+            if callable(bayes):  # the validation split's Bayes bounds give val/excess_gap
+                metrics.set_bayes(bayes("val"))
             metrics.reset()
             metrics = metrics.to(pl_module.device)
             if entry is not None:

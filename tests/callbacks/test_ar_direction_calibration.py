@@ -345,3 +345,27 @@ def test_conflict_gate_in_test_follows_unimodal_disagreement(tmp_path):
     rate = float(torch.cat(expected).float().mean())
     assert 0.0 < rate < 1.0  # the fixture has both kinds, or the test would prove little
     assert results["test/ar/gate_rate"] == pytest.approx(rate)
+
+
+def test_calibration_objective_is_the_excess_gap_when_bounds_exist():
+    """With Bayes bounds the rule minimises |excess gap|, not |gap|: a setting that pushes the
+    gap below the Bayes gap (here 0.30) is not preferred to one that reaches it."""
+    calibration = Calibration(candidates=[Reweight()], strengths=[0.5, 1.0], gates=["all"])
+    labels = [e.label() for e in calibration.grid()]
+    base = {"val/acc": 0.60, "val/modality_gap": 0.50, "val/excess_gap": 0.20}
+    results = [
+        (labels[0], {"val/acc": 0.60, "val/modality_gap": 0.31, "val/excess_gap": 0.01}),
+        (labels[1], {"val/acc": 0.60, "val/modality_gap": 0.02, "val/excess_gap": -0.28}),
+    ]
+    record = calibration.choose(base, results)
+    assert record["objective"] == "val/excess_gap" and record["chosen"] == labels[0]
+    without = [
+        (label, {k: v for k, v in m.items() if k != "val/excess_gap"}) for label, m in results
+    ]
+    base_gap = {k: v for k, v in base.items() if k != "val/excess_gap"}
+    assert calibration.choose(base_gap, without)["chosen"] == labels[1]
+    # An entry that loses more validation accuracy than the tolerance is never chosen; the
+    # other overshoots the Bayes gap by more (|-0.28|) than no AR misses it (0.20): no AR.
+    worse = [(labels[0], {**results[0][1], "val/acc": 0.55}), results[1]]
+    record = calibration.choose(base, worse)
+    assert record["chosen"] == NONE and not record["entries"][1]["feasible"]
