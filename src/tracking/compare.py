@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from src.core.errors import InvalidInputError
 from src.io.atomic import atomic_open
 
 DEFAULT_METRICS: tuple[str, ...] = (
@@ -32,7 +33,9 @@ def select_runs(
     known = [e for e in experiments if mlflow.get_experiment_by_name(e) is not None]
     missing = sorted(set(experiments) - set(known))
     if missing:
-        raise ValueError(f"no MLflow experiment named {missing} in {tracking_uri}")
+        raise InvalidInputError(
+            f"--experiments: no MLflow experiment named {missing} in {tracking_uri}"
+        )
     return mlflow.search_runs(
         experiment_names=list(known),
         filter_string=" and ".join(clauses),
