@@ -52,11 +52,15 @@ def summarize(frame: pd.DataFrame, metrics: Sequence[str], group_by: str) -> pd.
     """
     if group_by not in frame.columns:
         have = sorted(c for c in frame.columns if c.startswith(("tags.", "params.")))
-        raise ValueError(f"no column {group_by!r} in the selected runs; have {have[:20]}")
+        raise InvalidInputError(
+            f"--group_by: no column {group_by!r} in the selected runs; have {have[:20]}"
+        )
     columns = [f"metrics.{m}" for m in metrics]
     absent = [m for m, c in zip(metrics, columns, strict=True) if c not in frame.columns]
     if absent:
-        raise ValueError(f"metric(s) {absent} were not logged by any selected run")
+        raise InvalidInputError(
+            f"--metrics: metric(s) {absent} were not logged by any selected run"
+        )
     rows = []
     for group, part in frame.groupby(group_by, sort=True):
         row: dict[str, object] = {group_by: group, "n": len(part)}
