@@ -7,19 +7,47 @@ checkpoint is tested on the test split (turn off with ``--test_after_fit false``
 import importlib
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from src.callbacks.preemption import PREEMPTED_EXIT, CheckpointOnSigterm, preempted_message
 from src.commands.registry import EXTRA_COMMANDS
-from src.io.checkpoint_io import check_checkpoint_fits, use_safe_checkpoint_io
+from src.core.errors import (
+    STRICT_PARSER,
+    UntrainedModelError,
+    find_user_error,
+    report_user_error,
+)
+from src.io.checkpoint_hparams import plain_checkpoint_hparams
+from src.io.checkpoint_io import (
+    check_checkpoint_fits,
+    load_checkpoint_safely,
+    use_safe_checkpoint_io,
+)
 from src.tracking.config_artifact import LogConfigToMLflow
 from src.tracking.mlflow_logger import check_logger_config
-from src.tracking.resume import resolve_config_checkpoint, resume_logging
+from src.tracking.resume import (
+    RunIdentity,
+    config_identity,
+    mark_untrained,
+    resolve_config_checkpoint,
+    resume_logging,
+)
+
+# Values of Any-typed arguments are never built as classes, and values may not name modules
+# that run commands or import code (jsonargparse's denylist, enforced); our own init arguments
+# that take data are typed plain (src/core/plain_data.py), so nothing there is imported either.
+set_parsing_settings(instantiate_subclass_spec_in_any=False, import_path_denylist=[])
 
 # The frozen backbone stays in eval mode on purpose (no dropout in frozen weights).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
+#: Model arguments the data module links in (at instantiation): never taken from a checkpoint.
+LINKED_FROM_DATA = ("tokenizer", "labels", "streams")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -28,10 +56,10 @@ class MoSEARCLI(LightningCLI):
     """LightningCLI with the data module's tokenizer, labels and streams linked into the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in (
-            ("data.tokenizer_path", "model.init_args.tokenizer"),
-            ("data.label_names", "model.init_args.labels"),
-            ("data.streams", "model.init_args.streams"),
+        for source, target in zip(
+            ("data.tokenizer_path", "data.label_names", "data.streams"),
+            (f"model.init_args.{name}" for name in LINKED_FROM_DATA),
+            strict=True,
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
         parser.add_argument(
@@ -40,24 +68,66 @@ class MoSEARCLI(LightningCLI):
             default=True,
             help="After fit, test the best checkpoint (by validation) on the test split.",
         )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="Allow test/predict of a model whose adapter and projectors were never "
+            "trained (no --ckpt_path, or a fit of 0 steps); the run is tagged "
+            "mosear.untrained=true.",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
-        # Before anything is built: `--ckpt_path last` becomes the newest last.ckpt under
-        # default_root_dir, and the checkpoint is loaded weights-only (a crafted pickle is
-        # refused with a clear message). See src/tracking/resume.py.
-        self._checkpoint_run_id = resolve_config_checkpoint(self.config)
+        # Before anything is built: `--ckpt_path last` becomes the newest last.ckpt of this
+        # experiment (same experiment name and config identity) under default_root_dir, and the
+        # checkpoint is loaded weights-only (a crafted pickle is refused with a clear message).
+        # See src/tracking/resume.py.
+        self._identity = config_identity(self.config)
+        self._checkpoint_run_id = resolve_config_checkpoint(self.config, self._identity)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI merges the checkpoint's hyper_parameters through the parser, which
+        # imports and builds any class_path in them. A checkpoint is data: only plain values
+        # are merged, and the model class it names is compared as a string, never imported.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        model = self.config[subcommand].get("model")
+        class_path = model.get("class_path") if model is not None else None
+        if not class_path:
+            return
+        # The class the (trusted) config names, to learn which of its arguments are plain.
+        module, _, name = class_path.rpartition(".")
+        model_class = getattr(importlib.import_module(module), name)
+        checkpoint = load_checkpoint_safely(ckpt_path, mmap=True)
+        hparams = plain_checkpoint_hparams(
+            checkpoint, ckpt_path, class_path, model_class, skip=LINKED_FROM_DATA
+        )
+        if hparams:
+            self.config = self.parser.parse_object(
+                {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}},
+                self.config,
+            )
 
     def before_instantiate_classes(self) -> None:
         # An unreachable or locked tracking backend stops the run before data and model exist.
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        # Untrained weights are refused before data and model are built.
+        if self.subcommand in ("test", "predict"):
+            self._refuse_untrained(self._untrained_reason(config.get("ckpt_path")))
         if config is not None and config.get("trainer") is not None:
             check_logger_config(config["trainer"].get("logger"))
 
     def before_fit(self) -> None:
         self._prepare_checkpoint_loading()
-        # A resumed fit logs into the MLflow run its checkpoint came from.
-        resume_logging(self.trainer, self._checkpoint_run_id)
+        # Checkpoints name the experiment identity (`--ckpt_path last` finds this experiment's)
+        # and a SIGTERM (pre-emption) writes a resumable last.ckpt before the process exits.
+        self.trainer.callbacks.extend([RunIdentity(self._identity), CheckpointOnSigterm()])
+        # A resumed fit logs into the MLflow run its checkpoint came from (never a finished one).
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        resume_logging(self.trainer, self._checkpoint_run_id, ckpt_path)
 
     def before_validate(self) -> None:
         self._prepare_checkpoint_loading()
@@ -66,10 +136,37 @@ class MoSEARCLI(LightningCLI):
     def before_test(self) -> None:
         self._prepare_checkpoint_loading()
         resume_logging(self.trainer, None)
+        self._mark_untrained()
 
     def before_predict(self) -> None:
         self._prepare_checkpoint_loading()
         resume_logging(self.trainer, None)
+        self._mark_untrained()
+
+    @staticmethod
+    def _untrained_reason(ckpt_path: str | None) -> str | None:
+        """Why test/predict would evaluate weights that were never trained (the adapter and
+        projectors of a fresh EmotionLLMModule are random), or ``None``."""
+        if not ckpt_path:
+            return "no --ckpt_path was given"
+        if ckpt_path in ("best", "last", "hpc") or not Path(ckpt_path).is_file():
+            return None
+        if load_checkpoint_safely(ckpt_path, mmap=True).get("global_step", 1) == 0:
+            return f"--ckpt_path {ckpt_path} holds 0 training steps"
+        return None
+
+    def _refuse_untrained(self, reason: str | None) -> None:
+        self._is_untrained = reason is not None
+        if reason is not None and not self.config[self.subcommand].get("allow_untrained"):
+            raise UntrainedModelError(
+                f"{self.subcommand}: refusing to evaluate an untrained model ({reason}; its "
+                "adapter and projectors are random): pass --ckpt_path <trained checkpoint>, or "
+                "--allow_untrained true to run it anyway (the run is tagged mosear.untrained)"
+            )
+
+    def _mark_untrained(self) -> None:
+        if getattr(self, "_is_untrained", False):
+            mark_untrained(self.trainer)
 
     def _prepare_checkpoint_loading(self) -> None:
         # Weights-only loading and atomic saves; a checkpoint of another model config is refused
@@ -82,9 +179,12 @@ class MoSEARCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+            if self.trainer.global_step == 0:
+                self._refuse_untrained("the fit trained 0 steps")
             self.trainer.test(
                 self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None
             )
+            self._mark_untrained()
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
@@ -104,7 +204,28 @@ def _run_extra(name: str, argv: list[str]) -> int:
 
 
 def main(args: list[str] | None = None) -> MoSEARCLI | int:
-    """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])``)."""
+    """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])``).
+
+    Returns the CLI (Lightning subcommands) or the exit status (extra commands). Bad input
+    (:class:`~src.core.errors.UserError`, a parser error) prints one line on stderr and returns 2;
+    a SIGTERM during fit saves a resumable checkpoint and returns 143.
+    """
+    try:
+        return _main(args)
+    except ArgumentError as err:
+        return report_user_error(err)
+    except SIGTERMException:
+        print(preempted_message(), file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    except Exception as err:
+        # Ours, or one the parser re-raised while building a class (its cause is ours).
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        return report_user_error(user_error)
+
+
+def _main(args: list[str] | None) -> MoSEARCLI | int:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return _run_extra(argv[0], argv[1:])
@@ -124,7 +245,13 @@ def main(args: list[str] | None = None) -> MoSEARCLI | int:
         subclass_mode_data=True,
         save_config_callback=LogConfigToMLflow,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        # No abbreviations (`--trainer.max_epoch` is an error, not max_epochs) and parser errors
+        # raised, so that main prints them as one line.
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            **STRICT_PARSER,
+            **{name: dict(STRICT_PARSER) for name in LIGHTNING_SUBCOMMANDS},
+        },
         args=None if args is None else argv,
         auto_configure_optimizers=False,
     )

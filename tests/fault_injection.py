@@ -102,6 +102,33 @@ class HangAt(Callback):
             time.sleep(600)
 
 
+class AwaitSigtermAt(Callback):
+    """At ``(epoch, batch)``, create the file named by ``$<env>`` and wait (up to 120 s) until
+    the trainer has received SIGTERM: the parent test sends it there. Does nothing when the
+    variable is unset or the file exists.
+
+    Args:
+        epoch: Training epoch (0-based).
+        batch: Batch index within the epoch.
+        env: Environment variable holding the marker path.
+    """
+
+    def __init__(self, epoch: int, batch: int, env: str = "MOSEAR_TEST_SIGTERM_MARKER") -> None:
+        self.epoch, self.batch, self.env = epoch, batch, env
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        marker = os.environ.get(self.env)
+        if not marker or Path(marker).exists():
+            return
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            Path(marker).write_text(f"{trainer.global_step}\n")
+            deadline = time.monotonic() + 120
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
 class NanFeaturesAt(Callback):
     """Turn the batch's features into NaN at ``global_step`` (a corrupt batch -> NaN loss).
 
@@ -150,3 +177,17 @@ class OutOfMemoryAt(Callback):
         else:
             param = next(p for p in pl_module.parameters() if p.requires_grad)
             param.register_hook(lambda grad: fail())
+
+
+def expect_user_error(capsys: Any, argv: list[str]) -> str:
+    """Run ``src.cli.main(argv)``; assert it ended as a user error (exit status 2, one line
+    ``python -m src.cli: error: ...`` last on stderr, no traceback); return that line."""
+    from src.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("python -m src.cli: error: "), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    return lines[-1]

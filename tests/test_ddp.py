@@ -96,6 +96,8 @@ def test_ddp_subprocess_launcher_every_rank_knows_the_run_id(workdir):
             "--trainer.callbacks+=tests.test_ddp.RunIdProbe",
             "--trainer.callbacks.init_args.folder",
             str(workdir),
+            "--allow_untrained",  # the run ids are checked here, not the metrics
+            "true",
         ],
         cwd=workdir,
         env=env,

@@ -4,13 +4,14 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from src.core.errors import STRICT_PARSER
 from src.io.atomic import atomic_open
 from src.tracking.compare import DEFAULT_METRICS, bar_chart, select_runs, summarize, to_markdown
 from src.tracking.mlflow_logger import DEFAULT_MLFLOW_DIR, default_tracking_uri
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m src.cli compare", description=__doc__)
+    parser = ArgumentParser(**STRICT_PARSER, prog="python -m src.cli compare", description=__doc__)
     parser.add_argument(
         "--tracking_uri",
         type=str | None,

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from src.core.errors import STRICT_PARSER
 from src.core.modality import Modality
 from src.core.streams import StreamSpec
 from src.data.base_datamodule import EmotionDataModule
@@ -35,7 +36,7 @@ from src.data.components.feature_store import FeatureStore
 from src.data.components.media import MediaDecodeError, pad_audio
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.components.skip_report import SkipReport
-from src.data.formats.rows import FormatError
+from src.data.formats.rows import FormatError, utf8_errors
 from src.io.atomic import atomic_open
 
 REPORT_NAME = "extract_report.csv"
@@ -223,8 +224,8 @@ def read_names(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"names file not found: {path}")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+        with utf8_errors(path) as track, path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = track(csv.DictReader(handle))
             if "name" not in (reader.fieldnames or []):
                 raise FormatError(path, "name", f"no 'name' column in {reader.fieldnames}", line=1)
             return [row["name"].strip() for row in reader if (row["name"] or "").strip()]
@@ -232,7 +233,7 @@ def read_names(path: str | Path) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m src.cli extract", description=__doc__)
+    parser = ArgumentParser(**STRICT_PARSER, prog="python -m src.cli extract", description=__doc__)
     parser.add_argument("--config", action="config")
     # A subclass group (as LightningCLI's `data`) also accepts the path of a data config file.
     parser.add_subclass_arguments(

@@ -34,8 +34,8 @@ def read_subtitles(path: str | Path, column: str = "english") -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subtitle file not found: {path}")
-    with utf8_errors(path), path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    with utf8_errors(path) as track, path.open(newline="", encoding="utf-8") as f:
+        reader = track(csv.DictReader(f))
         fields = reader.fieldnames or []
         if "name" not in fields or column not in fields:
             raise ValueError(f"{path}: needs columns 'name' and {column!r}, has {fields}")

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser
 
+from src.core.errors import STRICT_PARSER, InvalidInputError
 from src.core.label_space import LABEL_SPACES, MER2023, LabelSpace, get_label_space
 from src.core.records import SUBSETS
 from src.data.formats.rows import utf8_errors
@@ -128,8 +129,8 @@ def _cell(row: dict[str, str], key: str) -> str | None:
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    with utf8_errors(path) as track, path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = track(csv.DictReader(handle))
         rows = list(reader)
         return list(reader.fieldnames or []), rows
 
@@ -431,6 +432,7 @@ def format_report(report: ScoreReport) -> str:
 def build_parser() -> ArgumentParser:
     """The ``score`` command's arguments."""
     parser = ArgumentParser(
+        **STRICT_PARSER,
         prog="python -m src.cli score",
         description="Compute every applicable metric from a prediction file (ours, "
         "Emotion-LLaMA's or MER2024's), print a table and write JSON.",
@@ -491,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``score``; returns 0 on success and 2 on bad input (the message names the file)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.output and Path(args.output).is_dir():
+            raise InvalidInputError(
+                f"--output {args.output} is a directory; give the JSON file to write"
+            )
         fmt, space, samples = read_predictions(args.predictions, args.format, args.labels)
         unmatched = len(samples)
         refs: dict[str, ReferenceRow] = {}

@@ -24,6 +24,8 @@ import torch
 from fsspec.utils import get_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from src.core.errors import MissingInputError, UserError
+
 #: Names ModelCheckpoint gives its "last" checkpoint (``last.ckpt``, ``last-v1.ckpt``, ...).
 LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")
 
@@ -31,15 +33,15 @@ LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")
 _TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, UserError):
     """A checkpoint holds pickled objects other than tensors and plain containers."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(UserError, ValueError):
     """A checkpoint file is empty, truncated or not a checkpoint at all."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's tensors do not fit the model (another architecture or config)."""
 
 
@@ -72,7 +74,7 @@ def load_checkpoint_safely(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CorruptCheckpointError(f"{path}: the checkpoint file is empty (0 bytes)")
     mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format
@@ -121,32 +123,55 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str | Path) -> None:
             )
 
 
-def find_last_checkpoint(root: str | Path) -> Path:
-    """The newest ``last.ckpt`` (or ``last-vN.ckpt``) anywhere under ``root``, by mtime.
+#: Key of the experiment identity in a checkpoint (``{"experiment": ..., "config": ...}``).
+IDENTITY_KEY = "mosear_identity"
 
-    Raises ``FileNotFoundError`` saying where it looked when there is none.
+
+def find_last_checkpoint(root: str | Path, identity: dict[str, Any] | None = None) -> Path:
+    """The newest ``last.ckpt`` (or ``last-vN.ckpt``) under ``root`` by mtime; with
+    ``identity``, the newest one whose ``checkpoint["mosear_identity"]`` equals it (configs
+    share ``default_root_dir``: another experiment's checkpoint is never taken).
+
+    Raises :class:`~src.core.errors.MissingInputError` saying where it looked when there is none.
     """
     root = Path(root)
     found = [p for p in root.rglob("*.ckpt") if LAST_CHECKPOINT.fullmatch(p.name) and p.is_file()]
     if not found:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--ckpt_path last: no last.ckpt under trainer.default_root_dir={root} (is "
             "ModelCheckpoint(save_last=True) configured, and is default_root_dir the folder of "
             "the run to resume?); give the checkpoint file instead"
         )
-    return max(found, key=lambda p: p.stat().st_mtime)
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if identity is None:
+        return found[0]
+    for path in found:
+        try:
+            stored = load_checkpoint_safely(path, mmap=True).get(IDENTITY_KEY)
+        except (UnsafeCheckpointError, CorruptCheckpointError):
+            continue  # not ours to resume; never loaded beyond weights-only
+        if stored == identity:
+            return path
+    raise MissingInputError(
+        f"--ckpt_path last: none of the {len(found)} last checkpoint(s) under "
+        f"trainer.default_root_dir={root} belongs to experiment {identity.get('experiment')!r} "
+        f"with this config (identity {identity.get('config')}; newest is {found[0]}): give "
+        "the checkpoint file instead"
+    )
 
 
-def resolve_checkpoint_path(ckpt_path: str | Path, root: str | Path) -> Path | str:
+def resolve_checkpoint_path(
+    ckpt_path: str | Path, root: str | Path, identity: dict[str, Any] | None = None
+) -> Path | str:
     """``last`` -> :func:`find_last_checkpoint`; a file path is checked to exist; other special
     values of Lightning (``best``, ``hpc``, ``registry``) are returned unchanged."""
     if ckpt_path == "last":
-        return find_last_checkpoint(root)
+        return find_last_checkpoint(root, identity)
     if str(ckpt_path) in ("best", "hpc") or str(ckpt_path).startswith("registry"):
         return ckpt_path
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {path}")
+        raise MissingInputError(f"--ckpt_path: checkpoint not found: {path}")
     return path
 
 

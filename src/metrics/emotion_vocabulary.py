@@ -165,8 +165,8 @@ class EmotionVocabulary:
         if not path.is_file():
             raise FileNotFoundError(f"emotion vocabulary {path} does not exist")
         rows: dict[str, tuple[str, ...]] = {}
-        with utf8_errors(path), path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+        with utf8_errors(path) as track, path.open(newline="", encoding="utf-8") as handle:
+            reader = track(csv.DictReader(handle))
             missing = {"name", "format"} - set(reader.fieldnames or ())
             if missing:
                 raise ValueError(

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from src.core.errors import MissingInputError
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,8 +47,9 @@ def build_backbone(
     torch_dtype = resolve_dtype(dtype)
     if path is not None:
         if not Path(path).is_dir():
-            raise FileNotFoundError(
-                f"backbone_path {path!r} is not a local directory. Weights are only read from "
+            raise MissingInputError(
+                f"model.backbone_path {path!r} is not a local directory. Weights are only read "
+                "from "
                 "local directories (nothing is downloaded): fetch the checkpoint on a machine with "
                 "network, "
                 "e.g. `huggingface-cli download <repo id> --local-dir /models/<name>`, then set "

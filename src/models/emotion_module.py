@@ -7,8 +7,10 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
 from src.data.components.tokenizer import load_tokenizer
+from src.io.checkpoint_io import CheckpointMismatchError
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone
@@ -46,7 +48,7 @@ class EmotionLLMModule(L.LightningModule):
     def __init__(
         self,
         backbone_path: str | None = None,
-        backbone_config: dict[str, Any] | None = None,
+        backbone_config: dict[str, PlainValue] | None = None,
         backbone_seed: int = 0,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
@@ -229,7 +231,7 @@ class EmotionLLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))
         if missing:
-            raise KeyError(
+            raise CheckpointMismatchError(
                 f"checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. "
                 f"{missing[:3]}: was it saved with another adapter or projector setting?"
             )

@@ -21,6 +21,7 @@ import transformers
 from torch import nn
 from transformers.audio_utils import mel_filter_bank
 
+from src.core.plain_data import PlainValue
 from src.data.components.media import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_RATE, FrameTransform
 
 AUDIO_KINDS: dict[str, tuple[str, str]] = {
@@ -139,7 +140,7 @@ class AudioEncoder(_FrozenEncoder):
         self,
         kind: str = "hubert",
         pretrained: str | None = None,
-        config: dict[str, Any] | None = None,
+        config: dict[str, PlainValue] | None = None,
         freeze: bool = True,
         layer: int | None = None,
         normalize: bool | None = None,
@@ -271,7 +272,7 @@ class VisualEncoder(_FrozenEncoder):
         self,
         kind: str = "clip",
         pretrained: str | None = None,
-        config: dict[str, Any] | None = None,
+        config: dict[str, PlainValue] | None = None,
         freeze: bool = True,
         image_mean: tuple[float, float, float] | None = None,
         image_std: tuple[float, float, float] | None = None,

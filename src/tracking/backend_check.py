@@ -20,6 +20,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
+from src.core.errors import UserError
+
 WHAT_TO_DO = (
     "Nothing was trained. Fix trainer.logger.init_args.tracking_uri (or $MLFLOW_TRACKING_URI), "
     "start the tracking server, or log to a local store with "
@@ -27,7 +29,7 @@ WHAT_TO_DO = (
 )
 
 
-class TrackingBackendError(RuntimeError):
+class TrackingBackendError(UserError, RuntimeError):
     """The tracking backend cannot be used; the message names the URI and what to do."""
 
     def __init__(self, uri: str, reason: str) -> None:
@@ -81,17 +83,37 @@ def _check_sqlite(uri: str, timeout: float) -> None:
         connection.close()
 
 
+#: One cheap read of the tracking API: a server whose /health passes can still fail here.
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
 def _check_http(uri: str, timeout: float) -> None:
-    url = uri.rstrip("/") + "/health"
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 - the configured server
+        with urllib.request.urlopen(base + "/health", timeout=timeout):  # noqa: S310
             pass
     except urllib.error.HTTPError:
-        return  # the server answered (an older server or a proxy may lack /health)
+        pass  # the server answered (an older server or a proxy may lack /health)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise TrackingBackendError(
             uri, f"the server does not answer within {timeout:g} s ({reason})"
+        ) from None
+    # One real API call, no retries: MLflow's client would retry a failing API for minutes.
+    try:
+        with urllib.request.urlopen(base + API_PROBE, timeout=timeout):  # noqa: S310
+            pass
+    except urllib.error.HTTPError as err:
+        body = err.read(300).decode("utf-8", "replace").strip()
+        raise TrackingBackendError(
+            uri,
+            f"the server answers /health but its API fails: GET {API_PROBE} returned HTTP "
+            f"{err.code} ({' '.join(body.split())[:200] or err.reason})",
+        ) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingBackendError(
+            uri, f"the API call GET {API_PROBE} got no answer within {timeout:g} s ({reason})"
         ) from None
 
 

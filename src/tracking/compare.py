@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from src.core.errors import InvalidInputError
 from src.io.atomic import atomic_open
 
 DEFAULT_METRICS: tuple[str, ...] = (
@@ -32,7 +33,9 @@ def select_runs(
     known = [e for e in experiments if mlflow.get_experiment_by_name(e) is not None]
     missing = sorted(set(experiments) - set(known))
     if missing:
-        raise ValueError(f"no MLflow experiment named {missing} in {tracking_uri}")
+        raise InvalidInputError(
+            f"--experiments: no MLflow experiment named {missing} in {tracking_uri}"
+        )
     return mlflow.search_runs(
         experiment_names=list(known),
         filter_string=" and ".join(clauses),
@@ -49,11 +52,15 @@ def summarize(frame: pd.DataFrame, metrics: Sequence[str], group_by: str) -> pd.
     """
     if group_by not in frame.columns:
         have = sorted(c for c in frame.columns if c.startswith(("tags.", "params.")))
-        raise ValueError(f"no column {group_by!r} in the selected runs; have {have[:20]}")
+        raise InvalidInputError(
+            f"--group_by: no column {group_by!r} in the selected runs; have {have[:20]}"
+        )
     columns = [f"metrics.{m}" for m in metrics]
     absent = [m for m, c in zip(metrics, columns, strict=True) if c not in frame.columns]
     if absent:
-        raise ValueError(f"metric(s) {absent} were not logged by any selected run")
+        raise InvalidInputError(
+            f"--metrics: metric(s) {absent} were not logged by any selected run"
+        )
     rows = []
     for group, part in frame.groupby(group_by, sort=True):
         row: dict[str, object] = {group_by: group, "n": len(part)}

@@ -30,4 +30,10 @@ class LogConfigToMLflow(SaveConfigCallback):
         if logger is None:
             return
         text = self.parser.dump(self.config, skip_none=False)
-        logger.experiment.log_text(logger.run_id, text, self.config_filename)
+        name = self.config_filename
+        if getattr(logger, "resumed", False):
+            # The interrupted run's config stays; the resumed one (possibly with moved data
+            # paths or more epochs) is kept beside it.
+            stem, _, suffix = name.rpartition(".")
+            name = f"{stem}.resumed-step{logger.resumed_step}.{suffix}"
+        logger.experiment.log_text(logger.run_id, text, name)

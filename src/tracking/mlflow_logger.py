@@ -5,10 +5,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from mlflow.exceptions import MlflowException
 
+from src.core.plain_data import PlainScalar
 from src.tracking.backend_check import (
     TrackingBackendError,
     check_tracking_backend,
@@ -80,7 +82,7 @@ class MosearMLFlowLogger(MLFlowLogger):
         tracking_uri: str | None = None,
         save_dir: str = DEFAULT_MLFLOW_DIR,
         artifact_location: str | None = None,
-        tags: dict[str, Any] | None = None,
+        tags: dict[str, PlainScalar] | None = None,
         log_model: Literal[True, False, "all"] = False,
         run_id: str | None = None,
         check_backend: bool = True,
@@ -115,12 +117,20 @@ class MosearMLFlowLogger(MLFlowLogger):
         )
         self._experiment_id = experiment_id
 
-    def resume(self, run_id: str) -> None:
+    def resume(self, run_id: str, step: int | None = None) -> None:
         """Log into the existing run ``run_id`` (``fit --ckpt_path`` of an interrupted run).
 
-        Must be called before anything is logged. The run is marked ``RUNNING`` again. When the
-        store does not have that run (a checkpoint copied from another machine), a warning is
-        given and a new run is started, tagged ``mosear.resumed_from_run``.
+        Must be called before anything is logged. An interrupted run (``RUNNING``, ``FAILED``,
+        ``KILLED``) is marked ``RUNNING`` again; its metric points up to the steps it already
+        logged are not logged again, and hyper-parameters whose value changed (a moved data
+        root) are recorded as tags ``mosear.resumed.<key>`` instead of failing. A ``FINISHED``
+        run is never reopened, nor is a run the store does not have (a checkpoint copied from
+        another machine): a warning is given and a new run is started, tagged
+        ``mosear.resumed_from_run``.
+
+        Args:
+            run_id: The run named by the checkpoint.
+            step: The checkpoint's global step (named in the resumed config's artifact name).
         """
         if self._run_id == run_id:
             return
@@ -135,15 +145,73 @@ class MosearMLFlowLogger(MLFlowLogger):
             except MlflowException:
                 run = None
             if run is None or run.info.lifecycle_stage == "deleted":
+                why = f"which {self._tracking_uri} does not have (or has deleted)"
+            elif run.info.status == "FINISHED":
+                why = "which is FINISHED and is never reopened"
+            else:
+                why = None
+            if why is not None:
                 rank_zero_warn(
-                    f"the checkpoint belongs to MLflow run {run_id}, which {self._tracking_uri} "
-                    "does not have (or has deleted): logging the resumed training to a new run"
+                    f"the checkpoint belongs to MLflow run {run_id}, {why}: logging the resumed "
+                    "training to a new run"
                 )
                 self.tags = {**(self.tags or {}), "mosear.resumed_from_run": run_id}
                 return
+            self._logged_steps = {
+                key: max(m.step for m in self._mlflow_client.get_metric_history(run_id, key))
+                for key in run.data.metrics
+            }
+            self._logged_params = dict(run.data.params)
             if run.info.status != "RUNNING":
                 self._mlflow_client.update_run(run_id, status="RUNNING")
+        self._resumed_step = step
         self._run_id = run_id
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this logger continues an interrupted run."""
+        return getattr(self, "_logged_params", None) is not None
+
+    @property
+    def resumed_step(self) -> int | None:
+        """The global step of the checkpoint a resumed run continues from."""
+        return getattr(self, "_resumed_step", None)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        if not self.resumed:
+            return super().log_hyperparams(params)
+        # MLflow refuses a changed param value ("Changing param values is not allowed"): in a
+        # resumed run, new keys are logged, changed values are recorded as tags.
+        flat = _flatten_dict(_convert_params(params))
+        new = {k: v for k, v in flat.items() if k not in self._logged_params}
+        changed = {
+            k: str(v)
+            for k, v in flat.items()
+            if k in self._logged_params and self._logged_params[k] != str(v)[:250]
+        }
+        if new:
+            super().log_hyperparams(new)
+        for key, value in changed.items():
+            self.experiment.set_tag(self.run_id, f"mosear.resumed.{key}", value[:5000])
+        if changed:
+            rank_zero_warn(
+                f"resumed run {self.run_id}: {len(changed)} parameter(s) changed since it was "
+                f"interrupted ({', '.join(sorted(changed)[:5])}); recorded as tags "
+                "mosear.resumed.<key>"
+            )
+        self._logged_params.update({k: str(v)[:250] for k, v in new.items()})
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        logged = getattr(self, "_logged_steps", None)
+        if logged:
+            # A resumed run replays the steps after its checkpoint: points the interrupted
+            # process already logged are not logged twice.
+            metrics = {k: v for k, v in metrics.items() if (step or 0) > logged.get(k, -1)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
 
     def start_run(self) -> None:
         """Create (or open) the MLflow run now, in this process.

@@ -18,6 +18,7 @@ from src.data.components.media_source import MediaSpec
 from src.data.mer2023_datamodule import MER2023DataModule
 from src.models.emotion_module import EmotionLLMModule
 from tests.conftest import REPO, TINY_CONFIG
+from tests.fault_injection import expect_user_error
 from tests.mini_mer import (
     BROKEN,
     SSL_HOP320,
@@ -297,9 +298,8 @@ def test_extract_from_a_clip_folder(workdir, capsys):
     ]
     assert main(args) == 0
     assert sorted(os.listdir(workdir / "out" / "HL-UTT")) == ["train_00.npy", "train_02.npy"]
-    with pytest.raises(SystemExit):
-        main(["extract", "--encoders", "{}"])  # neither --data nor --clips
-    assert "exactly one of --data" in capsys.readouterr().err
+    # neither --data nor --clips
+    assert "exactly one of --data" in expect_user_error(capsys, ["extract", "--encoders", "{}"])
 
 
 @pytest.mark.parametrize("name", ["mer2023.yaml", "clips_tiny.yaml"])

@@ -3,6 +3,7 @@ are refused, YAML is loaded safely, and names in annotation files cannot leave t
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from src.data.formats.rows import FormatError
 from src.io.checkpoint_io import SafeCheckpointIO, UnsafeCheckpointError
 from src.io.safe_paths import unsafe_name_reason
 from tests.conftest import TINY_CONFIG
+from tests.fault_injection import SMALL, expect_user_error, tiny_config
 
 
 class Payload:
@@ -47,14 +49,113 @@ def test_crafted_checkpoint_is_refused_by_the_cli_before_anything_runs(workdir, 
     marker = workdir / "pwned"
     evil = crafted_checkpoint(workdir / "model.ckpt", marker)
     for command in ("test", "fit"):
-        with pytest.raises(UnsafeCheckpointError) as info:
-            main([command, "--config", str(TINY_CONFIG), "--ckpt_path", str(evil)])
-        message = str(info.value)
+        message = expect_user_error(
+            capsys, [command, "--config", str(TINY_CONFIG), "--ckpt_path", str(evil)]
+        )
         assert str(evil) in message
         assert "refused to load" in message and "arbitrary code" in message
         assert "posix.system" in message  # what it tried to construct
     assert not marker.exists()
     assert "Restoring states" not in capsys.readouterr().out
+
+
+def _importable_payload(folder: Path, marker: Path) -> str:
+    """A module on ``sys.path`` whose import (or whose class's construction) writes ``marker``:
+    proof that a name in a file was imported."""
+    name = f"payload_{os.getpid()}"
+    (folder / f"{name}.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n"
+        "class Evil:\n    def __init__(self, x: int = 0):\n"
+        f"        Path({str(marker)!r}).write_text('built')\n"
+    )
+    return name
+
+
+#: What the tiny config's checkpoints hold as hyper_parameters (plain values).
+TINY_HPARAMS = {
+    "_class_path": "src.models.emotion_module.EmotionLLMModule",
+    "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    "backbone_config": {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    },
+    "backbone_seed": 0,
+    "lr": 0.005,
+}
+
+
+def test_checkpoint_hyper_parameters_naming_code_are_refused(workdir, capsys, monkeypatch):
+    """A weights-only checkpoint whose hyper_parameters name classes or modules: refused under
+    test, predict and fit --ckpt_path; nothing is imported or built."""
+    config = str(tiny_config(workdir))
+    monkeypatch.syspath_prepend(str(workdir))
+    marker, victim = workdir / "pwned", workdir / "victim.txt"
+    victim.write_text("precious\n")
+    module = _importable_payload(workdir, marker)
+    handler = {"class_path": "logging.FileHandler", "init_args": {"filename": str(victim)}}
+    popen = {"class_path": "subprocess.Popen", "init_args": {"args": f"touch {marker}"}}
+    hostile = {
+        # A class inside an Any-like value (the backbone's config kwargs).
+        "handler": (
+            {"backbone_config": {**TINY_HPARAMS["backbone_config"], "h": handler}},
+            "backbone_config.h.class_path",
+        ),
+        "popen": ({"backbone_config": {"h": popen}}, "backbone_config.h.class_path"),
+        # The model class named by the file (a module to import).
+        "class": ({"_class_path": f"{module}.Evil"}, "was written by"),
+    }
+    for name, (change, words) in hostile.items():
+        path = workdir / f"{name}.ckpt"
+        torch.save(
+            {"state_dict": {}, "global_step": 3, "hyper_parameters": {**TINY_HPARAMS, **change}},
+            path,
+        )
+        for command in ("test", "predict", "fit"):
+            line = expect_user_error(
+                capsys, [command, "--config", config, "--ckpt_path", str(path)]
+            )
+            assert str(path) in line and "hyper_parameters" in line and words in line, line
+    assert not marker.exists() and module not in sys.modules
+    assert victim.read_text() == "precious\n"
+    assert not (workdir / "data").exists()  # refused before anything was built
+
+
+@pytest.mark.slow
+def test_checkpoint_plain_values_merge_and_class_arguments_are_left_out(workdir, monkeypatch):
+    config = str(tiny_config(workdir, data={"synthetic": SMALL}))
+    cli = main(["fit", "--config", config, "--test_after_fit", "false"])
+    trained = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    monkeypatch.syspath_prepend(str(workdir))
+    marker = workdir / "pwned"
+    module = _importable_payload(workdir, marker)
+    # A string where a class is expected (the adapter) is left out, not resolved; plain values
+    # still come from the checkpoint (the frozen backbone's seed).
+    path = workdir / "adapter.ckpt"
+    hparams = {**trained["hyper_parameters"], "adapter": f"{module}.Evil", "backbone_seed": 7}
+    torch.save({**trained, "hyper_parameters": hparams}, path)
+    with pytest.warns(UserWarning, match=r"\['adapter'\] are not plain init arguments"):
+        tested = main(["test", "--config", config, "--ckpt_path", str(path)])
+    assert type(tested.model.adapter).__name__ == "LoRAAdapter"
+    assert tested.model.hparams["backbone_seed"] == 7
+    assert not marker.exists() and module not in sys.modules
+
+
+def test_any_typed_config_values_are_never_built_or_imported(workdir, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(workdir))
+    marker = workdir / "pwned"
+    module = _importable_payload(workdir, marker)
+    value = f'{{h: {{class_path: {module}.Evil}}, s: "{{class_path: {module}.Evil}}"}}'
+    main_args = ["fit", "--config", str(TINY_CONFIG), "--model.init_args.backbone_config", value]
+    with pytest.raises(SystemExit):
+        main([*main_args, "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"class_path: {module}.Evil" in printed  # kept as plain data
+    assert not marker.exists() and module not in sys.modules
 
 
 def test_checkpoint_io_loads_weights_only_whatever_the_caller_asks(tmp_path):
@@ -101,14 +202,13 @@ def test_yaml_with_python_tags_is_refused(workdir, capsys, tag):
     marker = workdir / "pwned"
     evil = workdir / "evil.yaml"
     evil.write_text(f'trainer:\n  max_epochs: !!{tag} ["touch {marker}"]\n')
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(TINY_CONFIG), "--config", str(evil), "--print_config"])
-    assert info.value.code == 2
-    assert f"could not determine a constructor for the tag 'tag:yaml.org,2002:{tag}'" in (
-        capsys.readouterr().err
+    line = expect_user_error(
+        capsys, ["fit", "--config", str(TINY_CONFIG), "--config", str(evil), "--print_config"]
     )
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(TINY_CONFIG), "--trainer.max_epochs", f'!!{tag} ["x"]'])
+    assert f"could not determine a constructor for the tag 'tag:yaml.org,2002:{tag}'" in line
+    expect_user_error(
+        capsys, ["fit", "--config", str(TINY_CONFIG), "--trainer.max_epochs", f'!!{tag} ["x"]']
+    )
     assert not marker.exists()
 
 

@@ -14,6 +14,7 @@ import torch
 from jsonargparse import Namespace
 
 from src.cli import main
+from src.core.errors import MissingInputError
 from src.io.checkpoint_io import (
     SafeCheckpointIO,
     find_last_checkpoint,
@@ -21,11 +22,15 @@ from src.io.checkpoint_io import (
 )
 from src.tracking.mlflow_logger import MosearMLFlowLogger
 from src.tracking.resume import resolve_config_checkpoint, resume_logging
-from tests.fault_injection import SMALL, cli, finish, tiny_config
+from tests.fault_injection import SMALL, cli, expect_user_error, finish, tiny_config
 
 HANG = {
     "class_path": "tests.fault_injection.HangAt",
     "init_args": {"epoch": 2, "batch": 1},
+}
+SIGTERM_AT = {
+    "class_path": "tests.fault_injection.AwaitSigtermAt",
+    "init_args": {"epoch": 1, "batch": 1},
 }
 STEPS_PER_EPOCH = 3  # 48 training samples, batch size 16
 
@@ -108,7 +113,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_logs_into_the_same_run_and_continues_the_step_count(workdir):
+def test_resuming_a_finished_run_continues_in_a_new_run_and_leaves_it_alone(workdir):
     config = tiny_config(workdir, trainer={"max_epochs": 1}, data={"synthetic": SMALL})
     first = main(["fit", "--config", str(config), "--test_after_fit", "false"])
     run_id = first.trainer.logger.run_id
@@ -116,27 +121,90 @@ def test_resume_logs_into_the_same_run_and_continues_the_step_count(workdir):
     last = find_last_checkpoint(workdir / "outputs")
     assert load_checkpoint_safely(last)["mlflow_run_id"] == run_id
 
-    second = main(
-        ["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"]
-    )
-    assert second.trainer.logger.run_id == run_id
+    with pytest.warns(UserWarning, match="FINISHED and is never reopened"):
+        second = main(
+            ["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"]
+        )
     assert second.trainer.global_step == 2  # epoch 0 was not trained again
-    run = only_run(workdir)
-    assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    assert "test/acc" in run.data.metrics  # the resumed fit's test went to the same run
-    steps = [m.step for m in store(workdir).get_metric_history(run_id, "val/acc")]
-    assert len(steps) == 2 and len(set(steps)) == 2
-    # Checkpoints stay in the run's folder; the resumed one overwrote last.ckpt there.
-    assert find_last_checkpoint(workdir / "outputs") == last
-    assert torch.load(last, weights_only=True)["global_step"] == 2
+    new_id = second.trainer.logger.run_id
+    assert new_id != run_id
+    client = store(workdir)
+    old, new = client.get_run(run_id), client.get_run(new_id)
+    assert old.info.status == "FINISHED" and "test/acc" not in old.data.metrics
+    assert len(client.get_metric_history(run_id, "val/acc")) == 1  # untouched
+    assert new.info.status == "FINISHED" and "test/acc" in new.data.metrics
+    assert new.data.tags["mosear.resumed_from_run"] == run_id
 
 
-def test_last_without_any_checkpoint_is_a_clear_error(workdir):
+@pytest.mark.slow
+def test_sigterm_saves_a_resumable_checkpoint_and_last_resumes_this_experiment(workdir):
+    """Pre-empted mid-epoch (SIGTERM) -> a resumable last.ckpt and a non-zero exit; then
+    another experiment B trains in the same default_root_dir (its last.ckpt is newer); A is
+    resumed with `--ckpt_path last` after its data folder moved: A's checkpoint, A's run
+    (reopened, ends FINISHED, no metric point twice, the moved path recorded), B untouched."""
+    a = tiny_config(workdir, trainer={"max_epochs": 2}, callbacks=[SIGTERM_AT], name="a.yaml")
+    b = tiny_config(
+        workdir,
+        data={"synthetic": SMALL, "root": "data/b"},
+        logger={"experiment_name": "b"},
+        name="b.yaml",
+    )
+    marker = workdir / "sigterm.marker"
+    victim = cli(workdir, "fit", "--config", str(a), MOSEAR_TEST_SIGTERM_MARKER=str(marker))
+    wait_for(marker, victim)
+    victim.send_signal(signal.SIGTERM)
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 143, out[-3000:]
+    assert "stopped by SIGTERM at global step 5" in out
+    a_last = find_last_checkpoint(workdir / "outputs")
+    assert load_checkpoint_safely(a_last)["global_step"] == STEPS_PER_EPOCH + 2  # mid-epoch
+    a_run = load_checkpoint_safely(a_last)["mlflow_run_id"]
+    assert store(workdir).get_run(a_run).info.status != "RUNNING"  # not left open
+
+    other = main(["fit", "--config", str(b)])
+    b_run = other.trainer.logger.run_id
+    assert find_last_checkpoint(workdir / "outputs") != a_last  # B's is the newest
+
+    def points(run_id: str) -> dict[str, list[tuple[int, float]]]:
+        client = store(workdir)
+        keys = client.get_run(run_id).data.metrics
+        return {
+            k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys
+        }
+
+    interrupted = points(a_run)
+    (workdir / "data" / "camer_tiny").rename(workdir / "data" / "moved")
+    resumed = main(
+        ["fit", "--config", str(a), "--data.init_args.root", "data/moved", "--ckpt_path", "last"]
+    )
+    assert resumed.trainer.logger.run_id == a_run
+    assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    client = store(workdir)
+    run = client.get_run(a_run)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert run.data.tags["mosear.resumed.tokenizer"] == "data/moved/tokenizer"
+    # The resumed process added no point at a step the interrupted one had already logged.
+    after = points(a_run)
+    for key, logged in interrupted.items():
+        last = max(step for step, _ in logged)
+        assert [p for p in after[key] if p[0] <= last] == logged, key
+    assert max(step for step, _ in after["train/loss"]) > max(
+        s for s, _ in interrupted["train/loss"]
+    )
+    assert len(client.get_metric_history(a_run, "val/acc")) == 2
+    b_after = client.get_run(b_run)
+    assert b_after.info.status == "FINISHED"
+    assert len(client.get_metric_history(b_run, "test/acc")) == 1
+
+
+def test_last_without_any_checkpoint_is_a_clear_error(workdir, capsys):
     config = tiny_config(workdir)
-    with pytest.raises(FileNotFoundError, match="no last.ckpt under trainer.default_root_dir"):
-        main(["fit", "--config", str(config), "--ckpt_path", "last"])
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: nowhere.ckpt"):
-        main(["test", "--config", str(config), "--ckpt_path", "nowhere.ckpt"])
+    line = expect_user_error(capsys, ["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert "no last.ckpt under trainer.default_root_dir" in line
+    line = expect_user_error(
+        capsys, ["test", "--config", str(config), "--ckpt_path", "nowhere.ckpt"]
+    )
+    assert "checkpoint not found: nowhere.ckpt" in line
 
 
 def test_last_is_the_newest_last_checkpoint_under_the_root(tmp_path):
@@ -150,6 +218,23 @@ def test_last_is_the_newest_last_checkpoint_under_the_root(tmp_path):
     assert find_last_checkpoint(tmp_path) == newer
     os.utime(older, (5000, 5000))
     assert find_last_checkpoint(tmp_path) == older
+
+
+def test_last_is_the_newest_checkpoint_of_this_experiment_only(tmp_path):
+    mine = {"experiment": "a", "config": "1234"}
+    paths = {}
+    for i, identity in enumerate(
+        [mine, {"experiment": "b", "config": "1234"}, {"experiment": "a", "config": "9999"}, None]
+    ):
+        path = tmp_path / "1" / f"run_{i}" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"mosear_identity": identity} if identity else {"state_dict": {}}, path)
+        os.utime(path, (1000 + i, 1000 + i))  # the others are all newer than mine
+        paths[i] = path
+    assert find_last_checkpoint(tmp_path) == paths[3]
+    assert find_last_checkpoint(tmp_path, mine) == paths[0]
+    with pytest.raises(MissingInputError, match="none of the 4 last checkpoint"):
+        find_last_checkpoint(tmp_path, {"experiment": "c", "config": "1234"})
 
 
 def test_checkpoint_names_the_run_that_a_resumed_fit_logs_into(workdir):

@@ -1,17 +1,18 @@
 """The tracking backend: unreachable or locked fails fast, before training, with a clear message;
 two runs logging to one sqlite store at once both end complete."""
 
+import http.server
 import socket
 import sqlite3
+import threading
 import time
 
 import mlflow
 import pytest
 
-from src.cli import main
 from src.tracking.backend_check import TrackingBackendError, ensure_experiment
 from src.tracking.mlflow_logger import MosearMLFlowLogger
-from tests.fault_injection import SMALL, cli, finish, tiny_config
+from tests.fault_injection import SMALL, cli, expect_user_error, finish, tiny_config
 
 
 def closed_port() -> int:
@@ -20,7 +21,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_server_fails_fast_before_training(workdir):
+def test_unreachable_server_fails_fast_before_training(workdir, capsys):
     uri = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingBackendError) as info:
@@ -30,8 +31,47 @@ def test_unreachable_server_fails_fast_before_training(workdir):
     assert uri in message and "does not answer" in message and "Nothing was trained" in message
     # Through the CLI: the error comes before data and model are built, so nothing is trained.
     config = tiny_config(workdir, logger={"tracking_uri": uri, "backend_timeout": 2})
-    with pytest.raises(TrackingBackendError, match="does not answer"):
-        main(["fit", "--config", str(config)])
+    assert "does not answer" in expect_user_error(capsys, ["fit", "--config", str(config)])
+    assert not (workdir / "outputs").exists() and not (workdir / "data").exists()
+
+
+class HealthyButBroken(http.server.BaseHTTPRequestHandler):
+    """Answers ``/health`` with OK and every API call with HTTP 500 (counting them)."""
+
+    api_calls = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/health":
+            body, status = b"OK", 200
+        else:
+            type(self).api_calls += 1
+            body, status = b'{"error_code": "INTERNAL_ERROR", "message": "db down"}', 500
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_server_whose_health_passes_but_whose_api_fails_is_found_at_start_up(workdir, capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyButBroken)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        config = tiny_config(workdir, logger={"tracking_uri": uri, "backend_timeout": 2})
+        line = expect_user_error(capsys, ["fit", "--config", str(config)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert uri in line and "answers /health but its API fails" in line and "HTTP 500" in line
+    assert "db down" in line
+    assert HealthyButBroken.api_calls == 1  # one probe, no retries
+    # Before data generation and model building.
     assert not (workdir / "outputs").exists() and not (workdir / "data").exists()
 
 

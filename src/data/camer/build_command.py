@@ -10,6 +10,7 @@ import sys
 
 from jsonargparse import ArgumentParser
 
+from src.core.errors import STRICT_PARSER
 from src.core.label_space import get_label_space
 from src.data.camer.builder import (
     MANIFEST_NAME,
@@ -23,6 +24,7 @@ from src.data.formats.rows import ON_ERROR_CHOICES, FormatError
 
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(
+        **STRICT_PARSER,
         prog="python -m src.cli build-camer",
         description="Sort per-modality annotations into the CA-MER subsets and write the "
         "manifest with a report (counts, every rejected row and its reason).",

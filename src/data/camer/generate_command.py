@@ -4,6 +4,7 @@ from dataclasses import asdict
 
 from jsonargparse import ArgumentParser
 
+from src.core.errors import STRICT_PARSER
 from src.core.streams import StreamSpec
 from src.data.camer.synthetic import SyntheticCAMERConfig, ensure_synthetic_camer
 
@@ -15,7 +16,9 @@ DEMO_STREAMS = [
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m src.cli generate-camer", description=__doc__)
+    parser = ArgumentParser(
+        **STRICT_PARSER, prog="python -m src.cli generate-camer", description=__doc__
+    )
     parser.add_argument("--config", action="config")
     parser.add_argument("--root", type=str, required=True, help="output folder")
     parser.add_argument("--streams", type=list[StreamSpec], default=DEMO_STREAMS)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from src.core.errors import UserError
 from src.core.streams import StreamSpec
 from src.io.safe_paths import path_inside, unsafe_name_reason
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UserError, ValueError):
     """A feature file is missing or unusable; the message names the file and the field."""
 
     def __init__(self, path: Path, field: str, reason: str) -> None:

@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 from torchvision.transforms import v2
 
+from src.core.errors import UserError
 from src.io.safe_paths import path_inside, unsafe_name_reason
 
 #: Target audio sample rate of every audio encoder here (HuBERT, wav2vec2, Whisper).
@@ -28,7 +29,7 @@ SOUNDFILE_SUFFIXES: tuple[str, ...] = (".wav", ".flac", ".ogg")
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
 
-class MediaDecodeError(ValueError):
+class MediaDecodeError(UserError, ValueError):
     """A clip or audio file that cannot be decoded.
 
     Args:

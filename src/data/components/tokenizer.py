@@ -12,6 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from src.core.errors import InvalidInputError, MissingInputError
+
 SPECIAL_TOKENS: dict[str, str] = {
     "pad_token": "<pad>",
     "unk_token": "<unk>",
@@ -40,9 +42,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory; a hub id or missing folder fails with advice."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer directory {str(path)!r} does not exist. Weights and tokenizers are only "
-            "read "
+        raise MissingInputError(
+            f"data.tokenizer_path: tokenizer directory {str(path)!r} does not exist. Weights "
+            "and tokenizers are only read "
             "from local directories: download the checkpoint (e.g. `huggingface-cli download <id> "
             "--local-dir <dir>` on a machine with network) and set the config to that directory."
         )
@@ -50,7 +52,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:  # missing, empty or corrupt tokenizer files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: cannot load a tokenizer from this directory ({reason})") from err
+        raise InvalidInputError(
+            f"{path}: data.tokenizer_path: cannot load a tokenizer from this directory ({reason})"
+        ) from err
     if tokenizer.pad_token is None:
         # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

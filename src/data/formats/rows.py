@@ -3,20 +3,22 @@
 import csv
 import errno
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
+from src.core.errors import UserError
 from src.core.label_space import LabelSpace
 from src.core.records import SPLITS
 from src.data.components.skip_report import SkipReport
 
 OnError = Literal["raise", "skip"]
+_Reader = TypeVar("_Reader")
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A bad annotation row or file; the message names the file, the line and the field.
 
     Args:
@@ -106,22 +108,37 @@ def require_file(path: str | Path, what: str = "annotation file") -> Path:
 
 
 @contextmanager
-def utf8_errors(path: str | Path) -> Iterator[None]:
+def utf8_errors(path: str | Path) -> Iterator[Callable[[_Reader], _Reader]]:
     """Turn a decoding failure while reading ``path`` into a :class:`FormatError` naming it
-    (field ``<encoding>``): a corrupt or binary file must not surface as a bare codec error."""
+    (field ``<encoding>``): a corrupt or binary file must not surface as a bare codec error.
+
+    A CSV error (a field over Python's field size limit, a stray quote with ``strict``) becomes
+    a :class:`FormatError` too (field ``<row>``); pass the reader through the yielded function
+    (``reader = track(csv.reader(handle))``) and the error names its line.
+    """
+    readers: list[Any] = []
+
+    def track(reader: _Reader) -> _Reader:
+        readers.append(reader)
+        return reader
+
     try:
-        yield
+        yield track
     except UnicodeDecodeError as err:
         bad = err.object[err.start : err.start + 4]
         raise FormatError(
             path, "<encoding>", f"not UTF-8 text ({err.reason} at bytes {bad!r}): corrupt file?"
         ) from None
+    except csv.Error as err:
+        # A DictReader's own line_num is updated after a row is read: ask its csv reader.
+        line = getattr(readers[-1], "reader", readers[-1]).line_num if readers else None
+        raise FormatError(path, "<row>", f"not a readable CSV row ({err})", line=line) from None
 
 
 def read_header(path: Path) -> list[str]:
     """The stripped column names of a CSV file's first row (``[]`` for an empty file)."""
-    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
-        return [h.strip() for h in next(csv.reader(handle), [])]
+    with utf8_errors(path) as track, path.open(newline="", encoding="utf-8-sig") as handle:
+        return [h.strip() for h in next(track(csv.reader(handle)), [])]
 
 
 def iter_csv_rows(
@@ -133,8 +150,8 @@ def iter_csv_rows(
     when the row has the wrong number of fields, ``row`` is ``None`` and ``problem`` says why.
     Raises :class:`FormatError` for an empty file or a header without a required column.
     """
-    with utf8_errors(path), path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+    with utf8_errors(path) as track, path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = track(csv.reader(handle))
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
