@@ -24,7 +24,7 @@ METHOD_CONFIGS = {
 }
 AR_CONFIGS = {
     "lora": REPO / "conf/experiment/lora_ar.yaml",
-    "mose": REPO / "conf/experiment/mosear.yaml",
+    "mose": REPO / "conf/default.yaml",
 }
 AR_NAME = {"lora": "lora+ar", "mose": "mosear"}
 
