@@ -109,9 +109,10 @@ def test_experiment_config_composes_the_config_groups(workdir, capsys):
         main(["fit", "--config", str(REPO / "conf/experiment/lora.yaml"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "src.models.emotion_module.EmotionLLMModule"
-    assert config["model"]["init_args"]["adapter"]["class_path"].endswith("LoRAAdapter")
+    assert config["model"]["init_args"]["adapter"] is None  # conf/model/ holds the backbone only
+    assert config["method"]["adapter"]["class_path"].endswith("LoRAAdapter")
     assert config["data"]["init_args"]["synthetic"]["seed"] == 0
-    assert config["trainer"]["logger"]["class_path"].endswith("MosearMLFlowLogger")
+    assert config["trainer"]["logger"]["class_path"].endswith("MoSEARMLFlowLogger")
 
 
 def test_default_config_is_used_without_config(workdir, capsys):
@@ -130,7 +131,11 @@ def test_paper_setting_configs_compose(workdir, capsys, data):
                 "--trainer",
                 str(REPO / "conf/trainer/gpu.yaml"),
                 "--model",
-                str(REPO / "conf/model/llama2_7b_mose.yaml"),
+                str(REPO / "conf/model/llama2_7b.yaml"),
+                "--method",
+                str(REPO / "conf/method/mose.yaml"),
+                "--method.adapter",
+                str(REPO / "conf/adapter/mose_7b.yaml"),
                 "--data",
                 str(REPO / f"conf/data/{data}.yaml"),
                 "--print_config",
@@ -139,5 +144,5 @@ def test_paper_setting_configs_compose(workdir, capsys, data):
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]["init_args"]
     assert model["backbone_config"] is None and model["dtype"] == "bfloat16"
-    assert model["adapter"]["init_args"]["rank"] == 64
+    assert config["method"]["adapter"]["init_args"]["rank"] == 64
     assert config["trainer"]["precision"] == "bf16-mixed"

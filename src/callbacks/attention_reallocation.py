@@ -16,16 +16,12 @@ model actually used), ``<stage>/attn_share_before/<modality>`` the share before;
 over every monitored (sample, head, query row) of every layer.
 """
 
-import json
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import MLFlowLogger
 
-from src.io.atomic import atomic_open, atomic_write_text
 from src.models.attention.interface import (
     install_reallocator,
     restore_attention,
@@ -34,6 +30,7 @@ from src.models.attention.interface import (
 )
 from src.models.attention.reallocator import Mode, QueryRows, Reallocator, Target
 from src.models.attention.spans import MONITORED
+from src.tracking.artifacts import log_dict, log_figure
 
 FIGURE_FILES = {"test": "attention_share.png", "predict": "attention_share_predict.png"}
 
@@ -188,16 +185,8 @@ class AttentionReallocation(Callback):
             return
         figure_file = FIGURE_FILES[stage]
         fig = monitor.figure(title=f"{stage}: attention share per layer ({self.reallocator.mode})")
-        table = self.share_table()
-        mlflow = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-        if mlflow is not None:
-            mlflow.experiment.log_figure(mlflow.run_id, fig, figure_file)
-            mlflow.experiment.log_dict(mlflow.run_id, table, figure_file.replace(".png", ".json"))
-            return
-        root = Path(trainer.default_root_dir)
-        with atomic_open(root / figure_file, "wb") as handle:
-            fig.savefig(handle, format="png")
-        atomic_write_text(root / figure_file.replace(".png", ".json"), json.dumps(table, indent=2))
+        log_figure(trainer, fig, figure_file)
+        log_dict(trainer, self.share_table(), figure_file.replace(".png", ".json"))
 
     def share_table(self) -> dict[str, Any]:
         """Per-layer shares as plain lists (the JSON artifact beside the plot)."""

@@ -16,10 +16,8 @@ from typing import Any
 
 import lightning as L
 
-from src.io.checkpoint_io import load_checkpoint_safely, resolve_checkpoint_path
+from src.io.checkpoint_io import RUN_ID_KEY, load_checkpoint_safely, resolve_checkpoint_path
 from src.tracking.artifacts import mlflow_logger
-
-RUN_ID_KEY = "mlflow_run_id"
 
 
 def resolve_config_checkpoint(config: Any) -> str | None:
@@ -52,7 +50,7 @@ def resolve_config_checkpoint(config: Any) -> str | None:
 
 def resume_logging(trainer: L.Trainer, run_id: str | None) -> None:
     """Make the trainer's MLflow logger log into ``run_id`` (no-op without either), then open
-    the run in this process (see :meth:`MosearMLFlowLogger.start_run`)."""
+    the run in this process (see :meth:`MoSEARMLFlowLogger.start_run`)."""
     logger = mlflow_logger(trainer)
     if run_id and logger is not None and hasattr(logger, "resume"):
         logger.resume(run_id)
