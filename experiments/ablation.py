@@ -35,9 +35,9 @@ WORLDS = ("null", "information", "token_imbalance", "prior", "optimisation")
 #: method -> (experiment config, the fit it tests, or None for a fit)
 METHODS: dict[str, tuple[str, str | None]] = {
     "lora": ("conf/experiment/lora.yaml", None),
-    "lora_ar": ("conf/experiment/lora_ar_calibrated.yaml", "lora"),
+    "lora_ar": ("conf/experiment/lora_ar.yaml", "lora"),
     "mose": ("conf/experiment/mose.yaml", None),
-    "mosear": ("conf/experiment/mosear_calibrated.yaml", "mose"),
+    "mosear": ("conf/experiment/mosear.yaml", "mose"),
     "dropout": ("conf/experiment/lora_dropout.yaml", None),
     "ogm_ge": ("conf/experiment/lora_ogm_ge.yaml", None),
 }

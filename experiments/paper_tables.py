@@ -19,7 +19,10 @@ sys.path.insert(0, str(REPO))
 
 from src.cli import main  # noqa: E402
 
-MODELS = {"lora": "conf/model/llama2_7b_lora.yaml", "mose": "conf/model/llama2_7b_mose.yaml"}
+MODEL = "conf/model/llama2_7b.yaml"
+# The method (conf/method/) with its adapter sized for the 7B backbone (rank 64, alpha 16 on q/v).
+METHODS = {"lora": "conf/method/lora.yaml", "mose": "conf/method/mose.yaml"}
+ADAPTERS = {"lora": "conf/adapter/lora_7b.yaml", "mose": "conf/adapter/mose_7b.yaml"}
 DATA = {
     "camer": "conf/data/camer_real.yaml",
     "mer2023": "conf/data/mer2023.yaml",
@@ -42,7 +45,11 @@ def run(table: str, method: str, seed: int, fold: int | None, args: argparse.Nam
         "--trainer",
         args.trainer,
         "--model",
-        str(REPO / MODELS[method]),
+        str(REPO / MODEL),
+        "--method",
+        str(REPO / METHODS[method]),
+        "--method.adapter",
+        str(REPO / ADAPTERS[method]),
         "--data",
         str(REPO / DATA[table]),
         "--trainer.logger.init_args.experiment_name",
@@ -73,7 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("--trainer", default=str(REPO / "conf/trainer/gpu.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--methods", nargs="+", default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra CLI overrides")
     args = parser.parse_args()
     folds = args.folds if args.table == "dfew" else [None]

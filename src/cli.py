@@ -10,7 +10,8 @@ import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -28,6 +29,7 @@ from src.io.checkpoint_io import (
     load_checkpoint_safely,
     use_safe_checkpoint_io,
 )
+from src.models.adapters.base import Adapter
 from src.tracking.config_artifact import LogConfigToMLflow
 from src.tracking.mlflow_logger import check_logger_config
 from src.tracking.resume import (
@@ -52,10 +54,30 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+class Method:
+    """The method under study, one config group (``conf/method/*.yaml``).
+
+    Args:
+        adapter: The trainable adapter (plain LoRA, MoSE); it becomes
+            ``model.init_args.adapter``, which must then be unset.
+        callbacks: The callbacks the method comes with (AR: attention reallocation at
+            test/predict time); appended to ``trainer.callbacks``.
+    """
+
+    def __init__(
+        self, adapter: Adapter | None = None, callbacks: list[Callback] | None = None
+    ) -> None:
+        self.adapter, self.callbacks = adapter, callbacks
+
+
 class MoSEARCLI(LightningCLI):
-    """LightningCLI with the data module's tokenizer, labels and streams linked into the model."""
+    """LightningCLI with the data module's tokenizer, labels and streams linked into the model
+    and a ``method`` group (adapter + its callbacks) beside trainer, model and data."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(
+            Method, "method", sub_configs=True, help="adapter + its callbacks (conf/method/)"
+        )
         for source, target in zip(
             ("data.tokenizer_path", "data.label_names", "data.streams"),
             (f"model.init_args.{name}" for name in LINKED_FROM_DATA),
@@ -112,13 +134,33 @@ class MoSEARCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        # An unreachable or locked tracking backend stops the run before data and model exist.
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is None:
+            return
+        self._place_method(config)
         # Untrained weights are refused before data and model are built.
         if self.subcommand in ("test", "predict"):
             self._refuse_untrained(self._untrained_reason(config.get("ckpt_path")))
-        if config is not None and config.get("trainer") is not None:
+        # An unreachable or locked tracking backend stops the run before data and model exist.
+        if config.get("trainer") is not None:
             check_logger_config(config["trainer"].get("logger"))
+
+    def _place_method(self, config: Namespace) -> None:
+        """Put the method's adapter and callbacks where the model and trainer take them, so the
+        resolved config (and the ``config.yaml`` logged with the run) is a plain one."""
+        adapter = config.get("method.adapter")
+        if adapter is not None:
+            if config.get("model.init_args.adapter") is not None:
+                self.parser.error(
+                    "the adapter is given twice, as method.adapter and model.init_args.adapter; "
+                    "keep one (conf/model/ holds backbones, conf/method/ adapters)"
+                )
+            config["model.init_args.adapter"] = adapter
+            config["method.adapter"] = None
+        callbacks = config.get("method.callbacks")
+        if callbacks:
+            config["trainer.callbacks"] = [*(config.get("trainer.callbacks") or []), *callbacks]
+            config["method.callbacks"] = None
 
     def before_fit(self) -> None:
         self._prepare_checkpoint_loading()

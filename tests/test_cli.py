@@ -109,9 +109,10 @@ def test_experiment_config_composes_the_config_groups(workdir, capsys):
         main(["fit", "--config", str(REPO / "conf/experiment/lora.yaml"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "src.models.emotion_module.EmotionLLMModule"
-    assert config["model"]["init_args"]["adapter"]["class_path"].endswith("LoRAAdapter")
+    assert config["model"]["init_args"]["adapter"] is None  # conf/model/ holds the backbone only
+    assert config["method"]["adapter"]["class_path"].endswith("LoRAAdapter")
     assert config["data"]["init_args"]["synthetic"]["seed"] == 0
-    assert config["trainer"]["logger"]["class_path"].endswith("MosearMLFlowLogger")
+    assert config["trainer"]["logger"]["class_path"].endswith("MoSEARMLFlowLogger")
 
 
 def test_default_config_is_used_without_config(workdir, capsys):
@@ -130,7 +131,11 @@ def test_paper_setting_configs_compose(workdir, capsys, data):
                 "--trainer",
                 str(REPO / "conf/trainer/gpu.yaml"),
                 "--model",
-                str(REPO / "conf/model/llama2_7b_mose.yaml"),
+                str(REPO / "conf/model/llama2_7b.yaml"),
+                "--method",
+                str(REPO / "conf/method/mose.yaml"),
+                "--method.adapter",
+                str(REPO / "conf/adapter/mose_7b.yaml"),
                 "--data",
                 str(REPO / f"conf/data/{data}.yaml"),
                 "--print_config",
@@ -139,5 +144,50 @@ def test_paper_setting_configs_compose(workdir, capsys, data):
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]["init_args"]
     assert model["backbone_config"] is None and model["dtype"] == "bfloat16"
-    assert model["adapter"]["init_args"]["rank"] == 64
+    assert config["method"]["adapter"]["init_args"]["rank"] == 64
     assert config["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_method_group_places_adapter_and_callbacks(workdir):
+    """`method` (adapter + callbacks) ends up as model.init_args.adapter and in
+    trainer.callbacks, and the config logged with the run is a plain one."""
+    from src.callbacks.attention_reallocation import AttentionReallocation
+    from src.models.adapters.mose_adapter import MoSEAdapter
+
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(TINY_CONFIG),
+            "--model.init_args.adapter",
+            "null",
+            "--method",
+            str(REPO / "conf/method/mosear.yaml"),
+            "--method.adapter.init_args.rank",
+            "2",
+            "--trainer.fast_dev_run",
+            "true",
+            "--test_after_fit",
+            "false",
+        ]
+    )
+    assert isinstance(cli.model.adapter, MoSEAdapter)
+    assert cli.model.adapter.layer_kwargs["rank"] == 2
+    assert sum(isinstance(c, AttentionReallocation) for c in cli.trainer.callbacks) == 1
+    placed = cli.config["fit"]
+    assert placed["method"]["adapter"] is None and not placed["method"]["callbacks"]
+    assert placed["model"]["init_args"]["adapter"]["class_path"].endswith("MoSEAdapter")
+
+
+def test_swapping_the_method_drops_its_callbacks(workdir, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--method", str(REPO / "conf/method/lora.yaml"), "--print_config"])
+    method = yaml.safe_load(capsys.readouterr().out)["method"]
+    assert method["adapter"]["class_path"].endswith("LoRAAdapter") and method["callbacks"] == []
+
+
+def test_an_adapter_given_twice_is_a_one_line_error(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(TINY_CONFIG), "--method", str(REPO / "conf/method/mose.yaml")])
+    assert exit_info.value.code == 2
+    assert "the adapter is given twice" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import torch
 from src.cli import main
 from tests.conftest import REPO, TINY_CONFIG
 
-MOSE = str(REPO / "conf/experiment/mose_adapter.yaml")
+MOSE = str(REPO / "tests/conf/mose.yaml")
 DOMINANCE = ["--model.init_args.adapter.init_args.modality_weighting", "dominance"]
 
 

@@ -5,7 +5,7 @@ import mlflow
 from src.cli import main
 from tests.conftest import REPO, TINY_CONFIG
 
-MOSE = str(REPO / "conf/experiment/mose_adapter.yaml")
+MOSE = str(REPO / "tests/conf/mose.yaml")
 AR = [
     "--trainer.callbacks+=src.callbacks.attention_reallocation.AttentionReallocation",
     "--trainer.callbacks.init_args",
@@ -33,12 +33,12 @@ def test_fit_with_mose_then_test_with_ar(workdir, capsys):
     assert run["metrics.train/gate_loss"] == run["metrics.train/gate_loss"]
 
 
-def test_default_config_is_mosear():
+def test_default_config_is_mosear(workdir, capsys):
+    import pytest
     import yaml
 
-    default = yaml.safe_load((REPO / "conf/default.yaml").read_text())
-    model = yaml.safe_load((REPO / "conf" / default["model"]).read_text())
-    adapter = yaml.safe_load((REPO / "conf" / "model" / model["init_args"]["adapter"]).read_text())
-    trainer = yaml.safe_load((REPO / "conf" / default["trainer"]).read_text())
-    assert adapter["class_path"].endswith("MoSEAdapter")
-    assert any("attention_reallocation" in str(c) for c in trainer["callbacks"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    method = yaml.safe_load(capsys.readouterr().out)["method"]
+    assert method["adapter"]["class_path"].endswith("MoSEAdapter")
+    assert any("attention_reallocation" in str(c) for c in method["callbacks"])

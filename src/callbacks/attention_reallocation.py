@@ -31,10 +31,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from src.io.atomic import atomic_open, atomic_write_text
+from src.io.atomic import atomic_write_text
 from src.metrics.closed_set import EmotionMetrics
 from src.models.attention.calibration import Calibration, read_record
 from src.models.attention.conflict_gate import conflict_gate
@@ -47,7 +46,7 @@ from src.models.attention.interface import (
 from src.models.attention.reallocator import Reallocator
 from src.models.attention.spans import MONITORED
 from src.models.attention.strategies import Reweight
-from src.tracking.artifacts import mlflow_logger
+from src.tracking.artifacts import log_dict, log_figure, mlflow_logger
 
 FIGURE_FILES = {"test": "attention_share.png", "predict": "attention_share_predict.png"}
 CALIBRATION_ARTIFACT = "ar_calibration.json"
@@ -345,16 +344,8 @@ class AttentionReallocation(Callback):
         fig = monitor.figure(
             title=f"{stage}: attention share per layer ({self.reallocator.label()})"
         )
-        table = self.share_table()
-        mlflow = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-        if mlflow is not None:
-            mlflow.experiment.log_figure(mlflow.run_id, fig, figure_file)
-            mlflow.experiment.log_dict(mlflow.run_id, table, figure_file.replace(".png", ".json"))
-            return
-        root = Path(trainer.default_root_dir)
-        with atomic_open(root / figure_file, "wb") as handle:
-            fig.savefig(handle, format="png")
-        atomic_write_text(root / figure_file.replace(".png", ".json"), json.dumps(table, indent=2))
+        log_figure(trainer, fig, figure_file)
+        log_dict(trainer, self.share_table(), figure_file.replace(".png", ".json"))
 
     def share_table(self) -> dict[str, Any]:
         """Per-layer shares as plain lists (the JSON artifact beside the plot)."""

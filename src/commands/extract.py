@@ -29,15 +29,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from src.core.errors import STRICT_PARSER
-from src.core.modality import Modality
 from src.core.streams import StreamSpec
 from src.data.base_datamodule import EmotionDataModule
+from src.data.components.collate import collate_media
 from src.data.components.feature_store import FeatureStore
-from src.data.components.media import MediaDecodeError, pad_audio
+from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.components.skip_report import SkipReport
 from src.data.formats.rows import FormatError, utf8_errors
 from src.io.atomic import atomic_open
+from src.models.online_features import encode_media
 
 REPORT_NAME = "extract_report.csv"
 
@@ -82,26 +83,16 @@ class _ClipDataset(Dataset):
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [it for it in items if "error" not in it]
-    batch: dict[str, Any] = {
+    return {
         "names": [it["name"] for it in ok],
         "errors": [(it["name"], *it["error"]) for it in items if "error" in it],
+        **collate_media(ok),  # as the training collator: the encoders see the same input
     }
-    if ok and "frames" in ok[0]:
-        batch["frames"] = torch.stack([it["frames"] for it in ok])
-    if ok and "audio" in ok[0]:
-        batch["audio"], batch["audio_lengths"] = pad_audio([it["audio"] for it in ok])
-    return batch
 
 
 def feature_path(output: str | Path, stream: StreamSpec, name: str) -> Path:
     """Where ``extract`` writes (and the feature store reads) one vector."""
     return FeatureStore(output, [stream]).path(stream, name)
-
-
-def _encode(encoder: nn.Module, stream: StreamSpec, batch: dict[str, Any], device: str) -> Any:
-    if stream.modality_id == Modality.AUDIO:
-        return encoder(batch["audio"].to(device), batch["audio_lengths"].to(device))
-    return encoder(batch["frames"].to(device))
 
 
 def extract_features(
@@ -191,16 +182,10 @@ def _write_batch(
     result: ExtractResult,
 ) -> None:
     names = batch["names"]
-    vectors: dict[str, np.ndarray] = {}
-    for stream in targets:
-        out = _encode(encoders[stream.name], stream, batch, device)
-        if tuple(out.shape) != (len(names), *stream.shape):
-            raise ValueError(
-                f"stream {stream.name!r}: encoder {type(encoders[stream.name]).__name__} gives "
-                f"{tuple(out.shape)} for {len(names)} clips; the stream stores {stream.shape} "
-                "per clip (a sequence stream needs an encoder with tokens: N)"
-            )
-        vectors[stream.name] = out.float().cpu().numpy()
+    # The model's online-encoder path: same inputs, same stream checks.
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    features = encode_media(encoders, targets, on_device)["features"]
+    vectors = {s.name: features[s.name].float().cpu().numpy() for s in targets}
     for row, name in enumerate(names):
         bad = [s for s in targets if not np.isfinite(vectors[s.name][row]).all()]
         if bad:

@@ -1,6 +1,5 @@
 """Shared machinery of every data module: tokenizer, prompts, feature checks, loaders."""
 
-import csv
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -23,23 +22,9 @@ from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.components.prompt import PromptBuilder
 from src.data.components.skip_report import SkipReport
 from src.data.components.tokenizer import load_tokenizer
-from src.data.formats.rows import FormatError, utf8_errors
+from src.data.formats.rows import FormatError
 
 TASKS: tuple[str, ...] = ("emotion", "reason")
-
-
-def read_subtitles(path: str | Path, column: str = "english") -> dict[str, str]:
-    """``name -> text`` from a subtitle CSV (``name,english``, ``name,chinese,english`` or
-    Emotion-LLaMA's ``name,sentence``); names the file and the missing column on error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"subtitle file not found: {path}")
-    with utf8_errors(path) as track, path.open(newline="", encoding="utf-8") as f:
-        reader = track(csv.DictReader(f))
-        fields = reader.fieldnames or []
-        if "name" not in fields or column not in fields:
-            raise ValueError(f"{path}: needs columns 'name' and {column!r}, has {fields}")
-        return {row["name"].strip(): (row[column] or "").strip() for row in reader}
 
 
 class EmotionDataModule(L.LightningDataModule):

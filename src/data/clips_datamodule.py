@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from src.core.records import SampleRecord
 from src.core.streams import EMOTION_LLAMA_STREAMS, StreamSpec
-from src.data.base_datamodule import EmotionDataModule, read_subtitles
+from src.data.base_datamodule import EmotionDataModule
 from src.data.components.collate import EmotionCollator
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.components.prompt import PromptBuilder
 from src.data.components.tokenizer import load_tokenizer
 from src.data.formats.rows import FormatError
+from src.data.formats.subtitles import read_subtitles
 
 #: Batch keys of one prompt (what :meth:`MultimodalEmotionLLM.generate` reads besides features).
 PROMPT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "modality_ids", "stream_ids")
@@ -160,15 +161,15 @@ class ClipsDataModule(EmotionDataModule):
         default_root = clips_path.parent if clips_path.is_file() else clips_path
         super().__init__(
             str(root if root is not None else default_root),
-            streams,
-            tokenizer,
-            label_space,
-            task,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            on_error,
-            templates,
+            streams=streams,
+            tokenizer=tokenizer,
+            label_space=label_space,
+            task=task,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            on_error=on_error,
+            templates=templates,
             source="media",  # always: raw clips through the model's encoders
             media=media,
             media_check=media_check,
@@ -189,7 +190,11 @@ class ClipsDataModule(EmotionDataModule):
         return self._paths
 
     def load_records(self) -> list[SampleRecord]:
-        texts = read_subtitles(self.subtitle_csv, self.subtitle_column) if self.subtitle_csv else {}
+        texts = (
+            read_subtitles(self.subtitle_csv, column=self.subtitle_column, **self.parse_options)
+            if self.subtitle_csv
+            else {}
+        )
         records = []
         for name, path in self.clip_paths.items():
             subtitle, source = texts.get(name), "csv"

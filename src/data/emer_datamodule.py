@@ -7,7 +7,8 @@ from src.core.records import SampleRecord
 from src.data.base_datamodule import EmotionDataModule
 from src.data.components.splits import carve_split
 from src.data.formats.emer import read_emer_v1, read_emer_v2
-from src.data.formats.mer2023 import read_subtitles, with_subtitles
+from src.data.formats.mer2023 import with_subtitles
+from src.data.formats.subtitles import read_subtitles
 
 
 class EMERDataModule(EmotionDataModule):
@@ -69,7 +70,7 @@ class EMERDataModule(EmotionDataModule):
             records = read_emer_v2(path, language=self.language, **self.parse_options)
         if self.subtitles is not None:
             sub_path = self.root / self.subtitles
-            texts = read_subtitles(sub_path, language=self.subtitle_language, **self.parse_options)
+            texts = read_subtitles(sub_path, column=self.subtitle_language, **self.parse_options)
             records = [dataclasses.replace(r, subtitle="") for r in records]
             records = with_subtitles(records, texts, source=sub_path, **self.parse_options)
         records = carve_split(records, self.train_fraction, self.split_seed, split="train")

@@ -9,10 +9,10 @@ from src.data.components.splits import carve_split
 from src.data.formats.mer2023 import (
     read_emotion_llama_list,
     read_label_csv,
-    read_subtitles,
     with_subtitles,
 )
 from src.data.formats.rows import FormatError
+from src.data.formats.subtitles import read_subtitles
 
 #: Official MER2023 files: train on ``train``, test on MER-MULTI (``test1``).
 DEFAULT_SPLITS: dict[str, list[str]] = {"train": ["train-label.csv"], "test": ["test1-label.csv"]}
@@ -97,7 +97,7 @@ class MER2023DataModule(EmotionDataModule):
         if self.subtitles is None:
             return records
         path = self.root / self.subtitles
-        texts = read_subtitles(path, language=self.language, **self.parse_options)
+        texts = read_subtitles(path, column=self.language, **self.parse_options)
         return with_subtitles(
             records, texts, source=path, required=self.require_subtitles, **self.parse_options
         )

@@ -39,12 +39,11 @@ from src.evaluation.clip_evidence import (
     label_probabilities,
     unimodal_scores,
 )
+from src.evaluation.rank_parts import INDEX, RANK, clear_stale_parts, dataset_order
 from src.io.atomic import atomic_open
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import RuleBasedExtractor
 from src.models.attention.share_monitor import ShareMonitor
-
-_INDEX, _RANK = "_index", "_rank"
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -146,10 +145,7 @@ class ClipReportWriter(BasePredictionWriter):
             )
         self._labels = list(model.labels)
         self.records = []
-        if trainer.is_global_zero:  # parts of an interrupted run must not leak in
-            for part in self._parts():
-                part.unlink()
-        trainer.strategy.barrier("ClipReportWriter.start")
+        clear_stale_parts(trainer, self._parts(), "ClipReportWriter")
 
     def on_predict_batch_start(
         self,
@@ -184,7 +180,7 @@ class ClipReportWriter(BasePredictionWriter):
         part.parent.mkdir(parents=True, exist_ok=True)
         with open(part, "a", encoding="utf-8") as handle:
             for record, index in zip(records, indices, strict=True):
-                extra = {_INDEX: index, _RANK: trainer.global_rank}
+                extra = {INDEX: index, RANK: trainer.global_rank}
                 handle.write(json.dumps({**record, **extra}, ensure_ascii=False) + "\n")
 
     def batch_records(
@@ -271,16 +267,9 @@ class ClipReportWriter(BasePredictionWriter):
         for part in parts:
             with open(part, encoding="utf-8") as handle:
                 rows.extend(json.loads(line) for line in handle if line.strip())
-        if rows and all(r[_INDEX] is not None for r in rows):
-            rows.sort(key=lambda r: (r[_INDEX], r[_RANK]))
-        seen: set[Any] = set()
-        records = []
-        for row in rows:
-            key = row[_INDEX] if row[_INDEX] is not None else row["name"]
-            if key in seen:  # a distributed sampler may repeat samples to even out ranks
-                continue
-            seen.add(key)
-            records.append({k: v for k, v in row.items() if k not in (_INDEX, _RANK)})
+        records = [
+            {k: v for k, v in row.items() if k not in (INDEX, RANK)} for row in dataset_order(rows)
+        ]
         for part in parts:
             part.unlink()
         datamodule = trainer.datamodule

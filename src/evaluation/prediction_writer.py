@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from src.core.label_space import LABEL_SPACES, LabelSpace, get_label_space
+from src.evaluation.rank_parts import INDEX, RANK, clear_stale_parts, dataset_order
 from src.io.atomic import atomic_open
 from src.metrics.emotion_vocabulary import EmotionVocabulary
 from src.metrics.open_vocabulary import RuleBasedExtractor, text_to_label
@@ -31,7 +32,6 @@ from src.metrics.open_vocabulary import RuleBasedExtractor, text_to_label
 BASE_COLUMNS = ("name", "subset", "label", "prediction")
 TAIL_COLUMNS = ("text", "extracted")
 # Bookkeeping columns of the per-rank part files, dropped in the merged file.
-_INDEX, _RANK = "_index", "_rank"
 
 
 def prediction_columns(label_names: Sequence[str]) -> list[str]:
@@ -115,17 +115,7 @@ def merge_part_files(parts: Sequence[Path], output: Path, columns: Sequence[str]
     for part in parts:
         with open(part, newline="", encoding="utf-8") as handle:
             rows.extend(csv.DictReader(handle))
-    if rows and all(r[_INDEX] != "" for r in rows):
-        rows.sort(key=lambda r: (int(r[_INDEX]), int(r[_RANK])))
-        key = _INDEX
-    else:
-        key = "name"  # stable sort kept the rank order of the part list
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        if row[key] not in seen:
-            seen.add(row[key])
-            unique.append(row)
+    unique = dataset_order(rows)
     with atomic_open(output, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
@@ -204,11 +194,7 @@ class PredictionCSVWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._label_space = self._resolve_label_space(pl_module)
         self.written = []
-        # Parts left by an interrupted run (possibly with more ranks) must not leak in.
-        if trainer.is_global_zero:
-            for part in self._parts():
-                part.unlink()
-        trainer.strategy.barrier("PredictionCSVWriter.start")
+        clear_stale_parts(trainer, self._parts(), "PredictionCSVWriter")
 
     def write_on_batch_end(
         self,
@@ -225,7 +211,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         indices = list(batch_indices) if batch_indices is not None else []
         if len(indices) != len(rows):
             indices = [""] * len(rows)
-        columns = [*prediction_columns(self._label_space.labels), _INDEX, _RANK]
+        columns = [*prediction_columns(self._label_space.labels), INDEX, RANK]
         part = self._part(dataloader_idx, trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         new = not part.exists()
@@ -234,7 +220,7 @@ class PredictionCSVWriter(BasePredictionWriter):
             if new:
                 writer.writeheader()
             for row, index in zip(rows, indices, strict=True):
-                writer.writerow({**row, _INDEX: index, _RANK: trainer.global_rank})
+                writer.writerow({**row, INDEX: index, RANK: trainer.global_rank})
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("PredictionCSVWriter.merge")

@@ -26,6 +26,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from src.core.errors import MissingInputError, UserError
 
+#: The checkpoint key holding the MLflow run id it was trained in (resume logs into that run).
+RUN_ID_KEY = "mlflow_run_id"
+
 #: Names ModelCheckpoint gives its "last" checkpoint (``last.ckpt``, ``last-v1.ckpt``, ...).
 LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")
 

@@ -10,7 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
 from src.data.components.tokenizer import load_tokenizer
-from src.io.checkpoint_io import CheckpointMismatchError
+from src.io.checkpoint_io import RUN_ID_KEY, CheckpointMismatchError
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone
@@ -226,7 +226,7 @@ class EmotionLLMModule(L.LightningModule):
         # The MLflow run of this training: `fit --ckpt_path` resumes logging into it.
         logger = mlflow_logger(self.trainer)
         if logger is not None and logger.run_id is not None:
-            checkpoint["mlflow_run_id"] = logger.run_id
+            checkpoint[RUN_ID_KEY] = logger.run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))

@@ -241,13 +241,6 @@ class AudioEncoder(_FrozenEncoder):
         frames = torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(1, hidden.shape[1])
         return _pool_steps(hidden, frames, self.tokens)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
-        """``{"names", "features"}`` from a batch with ``audio`` (B, n) and ``audio_lengths``."""
-        return {
-            "names": batch["names"],
-            "features": self(batch["audio"], batch.get("audio_lengths")),
-        }
-
 
 class VisualEncoder(_FrozenEncoder):
     """ViT or CLIP vision (per frame, mean over frames) or VideoMAE (per clip, mean over tokens).
@@ -361,10 +354,6 @@ class VisualEncoder(_FrozenEncoder):
             else:
                 per_frame = outputs.last_hidden_state[:, 0]
             return per_frame.view(batch, k, -1).mean(dim=1)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
-        """``{"names", "features"}`` from a batch with ``frames`` (B, K, 3, H, W)."""
-        return {"names": batch["names"], "features": self(batch["frames"])}
 
 
 def zero_mean_unit_var(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.core.modality import Modality
 from src.core.streams import StreamSpec
+from src.data.components.batch import EmotionBatch, left_aligned, with_continuations
 from src.data.components.prompt import encode_answer
 from src.models.modality_context import ModalityContext
 from src.models.projector import FeatureProjector
@@ -87,50 +88,8 @@ class MultimodalEmotionLLM(nn.Module):
         with self.modality_context.bind(modality_ids):
             return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
-    # ---------------------------------------------------------------------- continuations
-    def _append(
-        self, batch: dict[str, Any], continuations: list[list[int]], repeat: int = 1
-    ) -> dict[str, Any]:
-        """Prompts (each repeated ``repeat`` times) followed by one continuation per row.
-
-        Returns token tensors and ``lm_labels`` (-100 except on continuation tokens).
-        """
-        lengths = _prompt_lengths(batch).repeat_interleave(repeat).tolist()
-        rows = len(lengths)
-        if len(continuations) != rows:
-            raise ValueError(f"need {rows} continuations, got {len(continuations)}")
-        width = max(n + len(c) for n, c in zip(lengths, continuations, strict=True))
-        device = batch["input_ids"].device
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((rows, width), pad, dtype=torch.long, device=device)
-        lm_labels = torch.full((rows, width), -100, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-        modality_ids = torch.full((rows, width), int(Modality.PAD), dtype=torch.long, device=device)
-        stream_ids = torch.full((rows, width), -1, dtype=torch.long, device=device)
-        keys = ("input_ids", "attention_mask", "modality_ids", "stream_ids")
-        source = {k: batch[k].repeat_interleave(repeat, dim=0) for k in keys}
-        for row, (n, cont) in enumerate(zip(lengths, continuations, strict=True)):
-            c = torch.tensor(cont, dtype=torch.long, device=device)
-            input_ids[row, :n] = source["input_ids"][row, :n]
-            input_ids[row, n : n + len(cont)] = c
-            lm_labels[row, n : n + len(cont)] = c
-            attention_mask[row, :n] = source["attention_mask"][row, :n]
-            attention_mask[row, n : n + len(cont)] = 1
-            modality_ids[row, :n] = source["modality_ids"][row, :n]
-            modality_ids[row, n : n + len(cont)] = int(Modality.TEXT)
-            stream_ids[row, :n] = source["stream_ids"][row, :n]
-        features = {k: v.repeat_interleave(repeat, dim=0) for k, v in batch["features"].items()}
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "modality_ids": modality_ids,
-            "stream_ids": stream_ids,
-            "features": features,
-            "lm_labels": lm_labels,
-        }
-
     @staticmethod
-    def _drop(batch: dict[str, Any], drop_modalities: Sequence[Modality]) -> dict[str, Any]:
+    def _drop(batch: EmotionBatch, drop_modalities: Sequence[Modality]) -> EmotionBatch:
         """Mask the tokens of ``drop_modalities`` out of attention (unimodal evidence)."""
         if not drop_modalities:
             return batch
@@ -140,13 +99,13 @@ class MultimodalEmotionLLM(nn.Module):
         return {**batch, "attention_mask": batch["attention_mask"] * keep.long()}
 
     # ------------------------------------------------------------------------ objectives
-    def lm_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def lm_loss(self, batch: EmotionBatch) -> torch.Tensor:
         """Causal-LM loss on the answer tokens only (label word or reasoning), as Emotion-LLaMA."""
         targets = batch["target_ids"]
         missing = [n for n, t in zip(batch["names"], targets, strict=True) if not t]
         if missing:
             raise ValueError(f"samples without a training target (label or reason): {missing[:5]}")
-        seq = self._append(batch, targets)
+        seq = with_continuations(batch, targets, self.tokenizer.pad_token_id)
         out = self.run_backbone(
             seq["input_ids"],
             seq["attention_mask"],
@@ -157,7 +116,7 @@ class MultimodalEmotionLLM(nn.Module):
         )
         return out.loss
 
-    def continuation_logprobs(self, seq: dict[str, Any]) -> torch.Tensor:
+    def continuation_logprobs(self, seq: EmotionBatch) -> torch.Tensor:
         """Per-row summed (or mean) log-likelihood of the ``lm_labels`` tokens of ``seq``."""
         targets = seq["lm_labels"][:, 1:]
         positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
@@ -179,7 +138,7 @@ class MultimodalEmotionLLM(nn.Module):
         return total / mask.sum(dim=1) if self.length_normalize else total
 
     def score_labels(
-        self, batch: dict[str, Any], drop_modalities: Sequence[Modality] = ()
+        self, batch: EmotionBatch, drop_modalities: Sequence[Modality] = ()
     ) -> torch.Tensor:
         """Log-likelihood of every label as the answer, ``(B, num_labels)``, in one batched pass.
 
@@ -189,29 +148,16 @@ class MultimodalEmotionLLM(nn.Module):
         batch = self._drop(batch, drop_modalities)
         n_labels = len(self.labels)
         rows = batch["input_ids"].shape[0]
-        seq = self._append(batch, self.label_answer_ids * rows, repeat=n_labels)
+        seq = with_continuations(
+            batch, self.label_answer_ids * rows, self.tokenizer.pad_token_id, repeat=n_labels
+        )
         return self.continuation_logprobs(seq).view(rows, n_labels)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_new_tokens: int = 64) -> list[str]:
+    def generate(self, batch: EmotionBatch, max_new_tokens: int = 64) -> list[str]:
         """Greedy, deterministic generation after each prompt (reasoning text)."""
-        lengths = _prompt_lengths(batch).tolist()
-        width = max(lengths)
-        device = batch["input_ids"].device
-        rows = len(lengths)
         pad = self.tokenizer.pad_token_id
-        # Decoder-only generation needs left padding.
-        left = {
-            "input_ids": torch.full((rows, width), pad, dtype=torch.long, device=device),
-            "attention_mask": torch.zeros((rows, width), dtype=torch.long, device=device),
-            "modality_ids": torch.full(
-                (rows, width), int(Modality.PAD), dtype=torch.long, device=device
-            ),
-            "stream_ids": torch.full((rows, width), -1, dtype=torch.long, device=device),
-        }
-        for row, n in enumerate(lengths):
-            for key in left:
-                left[key][row, width - n :] = batch[key][row, :n]
+        left = left_aligned(batch, pad)  # decoder-only generation needs left padding
         embeds = self.embed(left["input_ids"], left["stream_ids"], batch["features"])
         with self.modality_context.bind(left["modality_ids"]):
             out = self.backbone.generate(
@@ -224,8 +170,3 @@ class MultimodalEmotionLLM(nn.Module):
                 eos_token_id=self.tokenizer.eos_token_id,
             )
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
-
-
-def _prompt_lengths(batch: dict[str, Any]) -> torch.Tensor:
-    """Length of each right-padded prompt (the attention mask may also hide dropped tokens)."""
-    return (batch["modality_ids"] != int(Modality.PAD)).sum(dim=1)

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.io.atomic import atomic_open
+from src.io.atomic import atomic_open, atomic_write_text
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
@@ -57,4 +58,16 @@ def log_rows(trainer: L.Trainer, rows: list[dict[str, Any]], name: str) -> str |
     path = Path(trainer.default_root_dir) / name
     with atomic_open(path, "w") as f:
         f.write(buffer.getvalue())
+    return str(path)
+
+
+@rank_zero_only
+def log_dict(trainer: L.Trainer, data: dict[str, Any], name: str) -> str:
+    """Log a JSON-serialisable dict as a JSON artifact (or a file under ``default_root_dir``)."""
+    logger = mlflow_logger(trainer)
+    if logger is not None:
+        logger.experiment.log_dict(logger.run_id, data, name)
+        return f"mlflow:{logger.run_id}/{name}"
+    path = Path(trainer.default_root_dir) / name
+    atomic_write_text(path, json.dumps(data, indent=2))
     return str(path)

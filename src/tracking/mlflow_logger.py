@@ -40,7 +40,7 @@ def resolve_tracking_uri(tracking_uri: str | None, save_dir: str | Path) -> str:
 
 
 def check_logger_config(logger: Any) -> None:
-    """Probe the backend of each :class:`MosearMLFlowLogger` in a LightningCLI ``trainer.logger``
+    """Probe the backend of each :class:`MoSEARMLFlowLogger` in a LightningCLI ``trainer.logger``
     value (a ``class_path``/``init_args`` namespace, or a list of them) before anything is built:
     the CLI calls this first, so a bad backend stops the run before data and model are made."""
     for entry in logger if isinstance(logger, list) else [logger]:
@@ -49,7 +49,7 @@ def check_logger_config(logger: Any) -> None:
             continue
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name, None)
-        if not (isinstance(cls, type) and issubclass(cls, MosearMLFlowLogger)):
+        if not (isinstance(cls, type) and issubclass(cls, MoSEARMLFlowLogger)):
             continue
         args = entry.get("init_args") or {}
         if args.get("check_backend", True):
@@ -57,7 +57,7 @@ def check_logger_config(logger: Any) -> None:
             check_tracking_backend(uri, float(args.get("backend_timeout", 5.0)))
 
 
-class MosearMLFlowLogger(MLFlowLogger):
+class MoSEARMLFlowLogger(MLFlowLogger):
     """Lightning's MLflow logger with defaults that work offline on a laptop and on a cluster.
 
     Args:

@@ -10,7 +10,7 @@ Right after parsing, :func:`resolve_config_checkpoint` turns ``last`` into the n
 ``last.ckpt`` under ``default_root_dir`` *of the same identity* (configs share the folder) and
 loads it weights-only (a crafted pickle is refused before anything is built); before ``fit``,
 :func:`resume_logging` points the logger at the checkpoint's run, unless that run is finished
-(see :meth:`MosearMLFlowLogger.resume`).
+(see :meth:`MoSEARMLFlowLogger.resume`).
 """
 
 import hashlib
@@ -22,10 +22,14 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from src.io.checkpoint_io import IDENTITY_KEY, load_checkpoint_safely, resolve_checkpoint_path
+from src.io.checkpoint_io import (
+    IDENTITY_KEY,
+    RUN_ID_KEY,
+    load_checkpoint_safely,
+    resolve_checkpoint_path,
+)
 from src.tracking.artifacts import mlflow_logger
 
-RUN_ID_KEY = "mlflow_run_id"
 UNTRAINED_TAG = "mosear.untrained"
 # Linked from the data module at instantiation (paths may move between runs of one experiment).
 _LINK_TARGETS = ("tokenizer", "labels", "streams")
@@ -48,8 +52,9 @@ def config_identity(config: Any) -> dict[str, str] | None:
     """``{"experiment": <MLflow experiment name>, "config": <hash>}`` of a parsed config.
 
     The hash covers the model (class and init arguments, without the paths linked from the
-    data module), the data module class and ``seed_everything``; the trainer settings
-    (``max_epochs``, devices) and data paths may change between the runs of one experiment.
+    data module), the method's adapter, the data module class and ``seed_everything``; the
+    trainer settings (``max_epochs``, devices) and data paths may change between the runs of
+    one experiment.
     """
     subcommand = config.get("subcommand")
     settings = config[subcommand] if subcommand else config
@@ -61,8 +66,11 @@ def config_identity(config: Any) -> dict[str, str] | None:
         for key in _LINK_TARGETS:
             model["init_args"].pop(key, None)
     data = settings.get("data")
+    method = settings.get("method")
     payload = {
         "model": model,
+        # The adapter sits in the method group until it is placed into the model.
+        "adapter": _plain(method.get("adapter")) if method is not None else None,
         "data": data.get("class_path") if data is not None else None,
         "seed": settings.get("seed_everything"),
     }
@@ -122,7 +130,7 @@ def resolve_config_checkpoint(config: Any, identity: dict[str, str] | None = Non
 
 def resume_logging(trainer: L.Trainer, run_id: str | None, ckpt_path: str | None = None) -> None:
     """Make the trainer's MLflow logger log into ``run_id`` (no-op without either), then open
-    the run in this process (see :meth:`MosearMLFlowLogger.start_run`). ``ckpt_path`` gives
+    the run in this process (see :meth:`MoSEARMLFlowLogger.start_run`). ``ckpt_path`` gives
     the step the run resumes from (its metrics up to there are not logged again)."""
     logger = mlflow_logger(trainer)
     if run_id and logger is not None and hasattr(logger, "resume"):

@@ -291,16 +291,16 @@ def direct_counts(settings: dict) -> list[float]:
 
 
 def test_config_fragment_builds_the_callback():
-    """conf/experiment/ar_callback.yaml's entry parses and instantiates through jsonargparse,
-    as LightningCLI does for trainer.callbacks."""
+    """conf/callbacks/attention_reallocation.yaml (the AR entry of conf/method/{lora_ar,mosear})
+    parses and instantiates through jsonargparse, as LightningCLI does for trainer.callbacks."""
     from pathlib import Path
 
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.callbacks import Callback
 
-    path = Path(__file__).parents[2] / "conf" / "experiment" / "ar_callback.yaml"
-    (entry,) = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    path = Path(__file__).parents[2] / "conf" / "callbacks" / "attention_reallocation.yaml"
+    entry = yaml.safe_load(path.read_text())
     parser = ArgumentParser()
     parser.add_argument("--callback", type=Callback)
     config = parser.parse_object({"callback": entry})

@@ -24,14 +24,13 @@ import torch
 from src.cli import main
 from src.core.label_space import MER2023
 from src.core.streams import StreamSpec
-from src.data.base_datamodule import read_subtitles
 from src.data.camer import manifest as camer
 from src.data.camer.datamodule import CAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError, decode_audio
 from src.data.components.tokenizer import load_tokenizer
-from src.data.formats import dfew, emer, mer2023
+from src.data.formats import dfew, emer, mer2023, subtitles
 from src.data.formats.rows import FormatError
 from src.evaluation.score import main as score_main
 from src.io.checkpoint_io import (
@@ -267,7 +266,7 @@ CASES = [
         "corrupt",
         "transcription.csv",
         b"name,english\n" + GARBAGE,
-        lambda t: read_subtitles(t / "transcription.csv"),
+        lambda t: subtitles.read_subtitles(t / "transcription.csv"),
         "<encoding>",
         "not UTF-8",
     ),
@@ -276,16 +275,25 @@ CASES = [
         "empty",
         "transcription.csv",
         "",
-        lambda t: read_subtitles(t / "transcription.csv"),
-        "'english'",
-        "needs columns",
+        lambda t: subtitles.read_subtitles(t / "transcription.csv"),
+        "<header>",
+        "file is empty",
+    ),
+    Case(
+        "subtitles",
+        "wrongly shaped",
+        "transcription.csv",
+        "name,chinese\ns1,x\n",
+        lambda t: subtitles.read_subtitles(t / "transcription.csv"),
+        "english",
+        "missing column",
     ),
     Case(
         "mer2023 subtitles",
         "corrupt",
         "transcription.csv",
         b"name,chinese,english\n" + GARBAGE,
-        lambda t: mer2023.read_subtitles(t / "transcription.csv"),
+        lambda t: subtitles.read_subtitles(t / "transcription.csv"),
         "<encoding>",
         "not UTF-8",
     ),
@@ -408,6 +416,33 @@ def test_camer_data_module_skips_every_broken_feature_and_lists_it(tmp_path):
         assert words in row["reason"], row
     kept = {r.name for split in module.datasets.values() for r in split.records}
     assert not kept & set(broken) and len(kept) == 20 - len(broken)
+
+
+def test_camer_subtitles_honour_on_error(tmp_path):
+    """CA-MER's subtitle CSV goes through the one subtitle reader: a malformed row or a
+    duplicate name stops the run naming file, line and field, or is skipped into the report."""
+    streams = [STREAM.__class__(**{**STREAM.__dict__, "dim": 8})]
+    root = tmp_path / "camer"
+    config = SyntheticCAMERConfig(seed=0, n_train=10, n_val=4, n_test=6)
+    CAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
+    subtitle_csv = root / "transcription.csv"
+    lines = subtitle_csv.read_text(encoding="utf-8").splitlines()
+    n = len(lines)
+    lines += ["camer_000001,said twice", "camer_000002,one,too many"]
+    subtitle_csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(FormatError) as info:
+        CAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
+    assert info.value.file == str(subtitle_csv) and info.value.field == "name"
+    assert info.value.line == n + 1
+
+    module = CAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
+    module.setup("fit")
+    listed = {
+        (row["field"], row["line"]) for row in module.skipped if row["file"] == str(subtitle_csv)
+    }
+    assert listed == {("name", n + 1), ("<row>", n + 2)}
+    kept = {r.name for split in module.datasets.values() for r in split.records}
+    assert len(kept) == 20  # a bad subtitle row drops no sample
 
 
 # ----------------------------------------------------------------------- other entry points

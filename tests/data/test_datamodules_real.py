@@ -12,6 +12,7 @@ import torch
 from src.core.label_space import DFEW, MER2023
 from src.core.records import SampleRecord
 from src.data.camer.synthetic import PROMPT_WORDS
+from src.data.components.batch import with_continuations
 from src.data.components.prompt import encode_answer
 from src.data.components.splits import carve_split
 from src.data.components.tokenizer import build_word_tokenizer
@@ -226,7 +227,7 @@ def test_emer_v1_reason_targets_and_loss_mask(emer_v1, tmp_path):
 
     module = _module(data)
     model = module.model
-    seq = model._append(batch, batch["target_ids"])
+    seq = with_continuations(batch, batch["target_ids"], model.tokenizer.pad_token_id)
     for row, target in enumerate(batch["target_ids"]):
         supervised = seq["lm_labels"][row][seq["lm_labels"][row] != -100]
         assert supervised.tolist() == target  # exactly the reasoning tokens (+ EOS)

@@ -3,12 +3,10 @@ feature extractors, padding, local-directory loading and the refusal of hub ids.
 
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import transformers
-from torch.utils.data import DataLoader
 
 from src.models.encoders import AudioEncoder, VisualEncoder, zero_mean_unit_var
 
@@ -187,13 +185,3 @@ def test_visual_input_checks():
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 32)  # (B, 3, H, W): one frame per clip
     mean_pool = visual("vit", pool="mean")
     assert not torch.allclose(mean_pool(torch.randn(1, 3, 32, 32)), vit(torch.randn(1, 3, 32, 32)))
-
-
-def test_trainer_predict_returns_names_and_features():
-    items = [{"names": f"s{i}", "audio": torch.randn(4_000)} for i in range(5)]
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    outputs = trainer.predict(audio("hubert"), DataLoader(items, batch_size=2))
-    assert [n for batch in outputs for n in batch["names"]] == [f"s{i}" for i in range(5)]
-    assert torch.cat([b["features"] for b in outputs]).shape == (5, 32)

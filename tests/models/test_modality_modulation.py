@@ -103,10 +103,10 @@ def test_modality_dropout_masks_one_modality_of_the_dropped_samples():
 
 
 def test_per_modality_lr_groups_exist_and_scale_the_update(workdir):
-    mose = str(REPO / "conf/experiment/mose_adapter.yaml")
+    mose = str(REPO / "conf/adapter/mose.yaml")
     args = "--model.init_args.adapter.init_args."
     cli = main(
-        ["fit", "--config", str(TINY_CONFIG), "--config", mose,
+        ["fit", "--config", str(TINY_CONFIG), "--model.init_args.adapter", mose,
          f"{args}modality_weighting", "dominance", f"{args}dominance_signal", "loglik",
          f"{args}modulate_lr", "true", "--test_after_fit", "false"]
     )  # fmt: skip

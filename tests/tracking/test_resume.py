@@ -20,7 +20,7 @@ from src.io.checkpoint_io import (
     find_last_checkpoint,
     load_checkpoint_safely,
 )
-from src.tracking.mlflow_logger import MosearMLFlowLogger
+from src.tracking.mlflow_logger import MoSEARMLFlowLogger
 from src.tracking.resume import resolve_config_checkpoint, resume_logging
 from tests.fault_injection import SMALL, cli, expect_user_error, finish, tiny_config
 
@@ -238,7 +238,7 @@ def test_last_is_the_newest_checkpoint_of_this_experiment_only(tmp_path):
 
 
 def test_checkpoint_names_the_run_that_a_resumed_fit_logs_into(workdir):
-    logger = MosearMLFlowLogger(experiment_name="tests", save_dir="mlruns")
+    logger = MoSEARMLFlowLogger(experiment_name="tests", save_dir="mlruns")
     client = store(workdir)
     experiment = client.get_experiment_by_name("tests").experiment_id
     old = client.create_run(experiment)
@@ -258,7 +258,7 @@ def test_checkpoint_names_the_run_that_a_resumed_fit_logs_into(workdir):
     assert client.get_run(old.info.run_id).info.status == "RUNNING"
     # A checkpoint whose run the store does not have: a warning and a new, tagged run.
     elsewhere = f"sqlite:///{workdir / 'elsewhere.db'}"
-    other = MosearMLFlowLogger(experiment_name="tests", tracking_uri=elsewhere)
+    other = MoSEARMLFlowLogger(experiment_name="tests", tracking_uri=elsewhere)
     trainer = L.Trainer(logger=other, default_root_dir="outputs", enable_progress_bar=False)
     with pytest.warns(UserWarning, match="does not have"):
         resume_logging(trainer, old.info.run_id)

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from src.tracking.backend_check import TrackingBackendError, ensure_experiment
-from src.tracking.mlflow_logger import MosearMLFlowLogger
+from src.tracking.mlflow_logger import MoSEARMLFlowLogger
 from tests.fault_injection import SMALL, cli, expect_user_error, finish, tiny_config
 
 
@@ -25,7 +25,7 @@ def test_unreachable_server_fails_fast_before_training(workdir, capsys):
     uri = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingBackendError) as info:
-        MosearMLFlowLogger(tracking_uri=uri, backend_timeout=2)
+        MoSEARMLFlowLogger(tracking_uri=uri, backend_timeout=2)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert uri in message and "does not answer" in message and "Nothing was trained" in message
@@ -84,14 +84,14 @@ def test_locked_sqlite_store_fails_fast(workdir):
     try:
         start = time.monotonic()
         with pytest.raises(TrackingBackendError) as info:
-            MosearMLFlowLogger(experiment_name="tests", save_dir="mlruns", backend_timeout=1)
+            MoSEARMLFlowLogger(experiment_name="tests", save_dir="mlruns", backend_timeout=1)
         assert time.monotonic() - start < 8
         assert "is locked by another process" in str(info.value) and str(db) in str(info.value)
     finally:
         holder.rollback()
         holder.close()
     # Released: the same logger works.
-    logger = MosearMLFlowLogger(experiment_name="tests", save_dir="mlruns", backend_timeout=1)
+    logger = MoSEARMLFlowLogger(experiment_name="tests", save_dir="mlruns", backend_timeout=1)
     assert (
         logger.experiment_id
         == mlflow.MlflowClient(uri).get_experiment_by_name("tests").experiment_id
@@ -101,12 +101,12 @@ def test_locked_sqlite_store_fails_fast(workdir):
 def test_store_that_cannot_be_created_or_is_not_a_database(workdir):
     (workdir / "a_file").write_text("not a folder")
     with pytest.raises(TrackingBackendError, match="cannot create the folder"):
-        MosearMLFlowLogger(save_dir=str(workdir / "a_file" / "mlruns"))
+        MoSEARMLFlowLogger(save_dir=str(workdir / "a_file" / "mlruns"))
     junk = workdir / "junk"
     junk.mkdir()
     (junk / "mlflow.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(TrackingBackendError, match="not a usable sqlite database"):
-        MosearMLFlowLogger(save_dir=str(junk))
+        MoSEARMLFlowLogger(save_dir=str(junk))
 
 
 def test_experiment_creation_is_idempotent_and_refuses_a_deleted_one(workdir):

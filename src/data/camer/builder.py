@@ -20,11 +20,9 @@ from src.core.records import SPLITS, SUBSETS, SampleRecord
 from src.data.camer.manifest import classify_conflict, read_subset_jsons, write_manifest
 from src.data.components.skip_report import SkippedRow, SkipReport
 from src.data.formats.rows import (
-    NameRegistry,
     OnError,
-    RowPolicy,
+    RowReader,
     check_split,
-    iter_csv_rows,
     parse_label,
     require_file,
 )
@@ -99,17 +97,17 @@ def build_from_annotations(
     path = require_file(path, "per-modality annotation file")
     check_split(split, str(path))
     result = BuildResult(source=str(path))
-    policy = RowPolicy(path, on_error, result.invalid)
-    names = NameRegistry(policy)
-    for line, row, problem in iter_csv_rows(path, ANNOTATION_COLUMNS, OPTIONAL_ANNOTATION_COLUMNS):
-        result.total_rows += 1
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-            continue
-        name = row["name"]
-        if not name:
-            policy.reject("name", "empty name", line=line, name=None)
-            continue
+    rows = RowReader(
+        path,
+        ANNOTATION_COLUMNS,
+        OPTIONAL_ANNOTATION_COLUMNS,
+        on_error=on_error,
+        report=result.invalid,
+        what="per-modality annotation file",
+    )
+    policy = rows.policy
+    for row in rows:
+        line, name = row.line, row.name
         labels: dict[str, str] = {}
         for column in ("label", "video_label", "audio_label"):
             ok, labels[column] = parse_label(
@@ -124,7 +122,7 @@ def build_from_annotations(
                     "split", f"{row_split!r} is not one of {SPLITS}", line=line, name=name
                 )
                 continue
-            if not names.claim(name, line):
+            if not rows.claim(row):
                 continue
             subset, why = classify_conflict(
                 labels["label"], labels["video_label"], labels["audio_label"]
@@ -141,6 +139,7 @@ def build_from_annotations(
                     **labels,
                 )
             )
+    result.total_rows = rows.rows_seen
     return result
 
 

@@ -2,14 +2,14 @@
 
 import json
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 from src.core.records import SUBSETS, SampleRecord
-from src.core.streams import EMOTION_LLAMA_STREAMS, StreamSpec
-from src.data.base_datamodule import EmotionDataModule, read_subtitles
+from src.data.base_datamodule import EmotionDataModule
 from src.data.camer.manifest import read_manifest
 from src.data.camer.synthetic import BAYES_FILE, SyntheticCAMERConfig, ensure_synthetic_camer
 from src.data.components.splits import carve_split
+from src.data.formats.subtitles import read_subtitles
 
 
 class CAMERDataModule(EmotionDataModule):
@@ -22,23 +22,13 @@ class CAMERDataModule(EmotionDataModule):
         subtitle_column: Which subtitle column to use (``english``, ``chinese``, ``sentence``).
         synthetic: When given, ``root`` is filled with the synthetic CA-MER made with these
             settings (once; later runs reuse it).
-        streams: Feature streams and their token counts.
-        tokenizer: Local tokenizer directory; default ``<root>/tokenizer``.
-        label_space: Label space name or explicit labels.
-        task: ``emotion`` or ``reason``.
-        batch_size: Training batch size.
-        eval_batch_size: Evaluation batch size.
-        num_workers: DataLoader workers.
-        on_error: ``raise`` or ``skip`` bad samples (skips are reported).
-        templates: Prompt templates per task.
-        shuffle_seed: Seed of the (epoch-seeded) training order.
         val_fraction: When the manifest has no ``val`` split: the fraction of the test split
             carved into one, within each subset (:func:`~src.data.components.splits.carve_split`,
             stratified by label), so that validation mirrors the test's subset mix; the carved
             samples leave the test split. 0 turns carving off.
         split_seed: Seed of that carving.
-        **kwargs: Further :class:`EmotionDataModule` options (``source``, ``media``,
-            ``media_check``, ``tasks``).
+        **kwargs: The options of :class:`EmotionDataModule` (``streams``, ``tokenizer``,
+            ``label_space``, ``batch_size``, ``on_error``, ...).
     """
 
     def __init__(
@@ -48,34 +38,11 @@ class CAMERDataModule(EmotionDataModule):
         subtitles: str = "transcription.csv",
         subtitle_column: str = "english",
         synthetic: SyntheticCAMERConfig | None = None,
-        streams: list[StreamSpec] = list(EMOTION_LLAMA_STREAMS),  # noqa: B006 - jsonargparse default
-        tokenizer: str | None = None,
-        label_space: str | list[str] = "mer2023",
-        task: Literal["emotion", "reason"] = "emotion",
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_error: Literal["raise", "skip"] = "raise",
-        templates: dict[str, str] | None = None,
-        shuffle_seed: int = 0,
         val_fraction: float = 0.2,
         split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            streams,
-            tokenizer,
-            label_space,
-            task,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            on_error,
-            templates,
-            shuffle_seed,
-            **kwargs,
-        )
+        super().__init__(root, **kwargs)
         self.manifest = manifest
         self.subtitles = subtitles
         self.subtitle_column = subtitle_column
@@ -89,7 +56,9 @@ class CAMERDataModule(EmotionDataModule):
 
     def load_records(self) -> list[SampleRecord]:
         records = read_manifest(self.root / self.manifest, self.label_space, **self.parse_options)
-        subtitles = read_subtitles(self.root / self.subtitles, self.subtitle_column)
+        subtitles = read_subtitles(
+            self.root / self.subtitles, column=self.subtitle_column, **self.parse_options
+        )
         records = [replace(r, subtitle=subtitles.get(r.name, "")) for r in records]
         if self.val_fraction > 0 and not any(r.split == "val" for r in records):
             records = self._carve_val(records)

@@ -24,8 +24,8 @@ from src.data.formats.rows import (
     NameRegistry,
     OnError,
     RowPolicy,
+    RowReader,
     check_split,
-    iter_csv_rows,
     parse_label,
     require_file,
     utf8_errors,
@@ -151,18 +151,19 @@ def read_manifest(
         on_error: ``"raise"`` a :class:`FormatError` naming file, line and field, or ``"skip"``.
         report: Receives skipped rows (required with ``on_error="skip"``).
     """
-    path = require_file(path, "CA-MER manifest")
-    policy = RowPolicy(path, on_error, report)
-    names = NameRegistry(policy)
+    rows = RowReader(
+        path,
+        MANIFEST_COLUMNS,
+        OPTIONAL_COLUMNS,
+        on_error=on_error,
+        report=report,
+        check_name=unsafe_name_reason,
+        what="CA-MER manifest",
+    )
+    policy = rows.policy
     records: list[SampleRecord] = []
-    for line, row, problem in iter_csv_rows(path, MANIFEST_COLUMNS, OPTIONAL_COLUMNS):
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-            continue
-        name = row["name"]
-        if unsafe_name_reason(name):
-            policy.reject("name", str(unsafe_name_reason(name)), line=line, name=None)
-            continue
+    for row in rows:
+        line, name = row.line, row.name
         if row["split"] not in SPLITS:
             policy.reject("split", f"{row['split']!r} is not one of {SPLITS}", line=line, name=name)
             continue
@@ -187,7 +188,7 @@ def read_manifest(
             conflict = subset and subset_conflict(subset, **labels)
             if conflict:
                 policy.reject("subset", conflict, line=line, name=name)
-            elif names.claim(name, line):
+            elif rows.claim(row):
                 records.append(
                     SampleRecord(
                         name=name,

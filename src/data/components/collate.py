@@ -1,18 +1,30 @@
 """One collator for every data set: pads prompts and builds ``modality_ids`` once per batch."""
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from src.core.modality import Modality
 from src.core.records import SUBSETS
+from src.data.components.batch import EmotionBatch, pack_rows
 from src.data.components.media import pad_audio
 from src.data.components.prompt import PromptBuilder
 
 
+def collate_media(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Decoded media of ``items``: ``frames`` stacked, ``audio`` zero-padded with its
+    ``audio_lengths`` (each only when every item has it)."""
+    media: dict[str, torch.Tensor] = {}
+    if items and all("frames" in it for it in items):
+        media["frames"] = torch.stack([it["frames"] for it in items])
+    if items and all("audio" in it for it in items):
+        media["audio"], media["audio_lengths"] = pad_audio([it["audio"] for it in items])
+    return media
+
+
 class EmotionCollator:
-    """Turns dataset items into a padded batch dict.
+    """Turns dataset items into a padded :class:`~src.data.components.batch.EmotionBatch`.
 
     Items are dicts with ``name``, ``subtitle``, ``label`` (class index or -1), ``subset``
     (str or None), ``features`` (stream name -> ``(dim,)`` array, ``(tokens, dim)`` for a sequence
@@ -33,41 +45,34 @@ class EmotionCollator:
         self.prompt_builder = prompt_builder
         self.pad_id = prompt_builder.tokenizer.pad_token_id
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> EmotionBatch:
         encoded = [
             self.prompt_builder.encode(it["subtitle"], it.get("task", "emotion")) for it in items
         ]
-        length = max(len(e.input_ids) for e in encoded)
-        batch_size = len(items)
-        input_ids = torch.full((batch_size, length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        modality_ids = torch.full((batch_size, length), int(Modality.PAD), dtype=torch.long)
-        stream_ids = torch.full((batch_size, length), -1, dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = len(e.input_ids)
-            input_ids[row, :n] = torch.tensor(e.input_ids)
-            attention_mask[row, :n] = 1
-            modality_ids[row, :n] = torch.tensor(e.modality_ids)
-            stream_ids[row, :n] = torch.tensor(e.stream_ids)
+        tokens = pack_rows(
+            [
+                {
+                    "input_ids": torch.tensor(e.input_ids),
+                    "attention_mask": torch.ones(len(e.input_ids), dtype=torch.long),
+                    "modality_ids": torch.tensor(e.modality_ids),
+                    "stream_ids": torch.tensor(e.stream_ids),
+                }
+                for e in encoded
+            ],
+            self.pad_id,
+        )
         # Stored features; raw media (online encoders) instead when the items carry it.
         features = {
             s.name: torch.from_numpy(np.stack([it["features"][s.name] for it in items]))
             for s in self.prompt_builder.streams
             if all(s.name in it.get("features", ()) for it in items)
         }
-        media: dict[str, torch.Tensor] = {}
-        if all("frames" in it for it in items):
-            media["frames"] = torch.stack([it["frames"] for it in items])
-        if all("audio" in it for it in items):
-            media["audio"], media["audio_lengths"] = pad_audio([it["audio"] for it in items])
+        media = collate_media(items)
         targets = [
             self.prompt_builder.answer_ids(it["target"]) if it.get("target") else [] for it in items
         ]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "modality_ids": modality_ids,
-            "stream_ids": stream_ids,
+            **tokens,
             "features": features,
             "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
             "subset_ids": torch.tensor(

@@ -20,8 +20,8 @@ from src.data.formats.rows import (
     NameRegistry,
     OnError,
     RowPolicy,
+    RowReader,
     check_split,
-    iter_csv_rows,
     iter_text_rows,
     read_header,
     require_file,
@@ -128,11 +128,11 @@ def read_split(
             records.append(SampleRecord(name=name, split=split, label=label))
 
     if protocol == "official":
-        for line, row, problem in iter_csv_rows(path, ("video_name", "label")):
-            if row is None:
-                policy.reject("<row>", str(problem), line=line, name=None)
-            else:
-                add(line, row["video_name"], row["label"], 1, "label")
+        rows = RowReader(
+            path, ("video_name", "label"), on_error=on_error, report=report, name_field=None
+        )
+        for row in rows:
+            add(row.line, row["video_name"], row["label"], 1, "label")
         return records
     n_fields = 3 if protocol == "dfer-clip" else 2
     form = "<path> <n_frames> <label0>" if n_fields == 3 else "<path> <label0>"

@@ -11,13 +11,10 @@ from src.core.records import SampleRecord
 from src.data.components.skip_report import SkipReport
 from src.data.formats.mer2023 import SUBTITLE_LANGUAGES
 from src.data.formats.rows import (
-    NameRegistry,
     OnError,
-    RowPolicy,
+    RowReader,
     check_split,
-    iter_csv_rows,
     parse_label,
-    require_file,
 )
 
 
@@ -38,31 +35,28 @@ def read_emer_v1(
         on_error: ``"raise"`` or ``"skip"``.
         report: Receives skipped rows (required with ``on_error="skip"``).
     """
-    path = require_file(path)
-    split = check_split(split, str(path))
-    policy = RowPolicy(path, on_error, report)
-    names = NameRegistry(policy)
+    columns = ("names", "emotions", "subtitles", "reasons")
+    rows = RowReader(path, columns, on_error=on_error, report=report, name_field="names")
+    split = check_split(split, str(rows.path))
     records: list[SampleRecord] = []
-    for line, row, problem in iter_csv_rows(path, ("names", "emotions", "subtitles", "reasons")):
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-            continue
-        name = row["names"]
-        if not name:
-            policy.reject("names", "empty name", line=line, name=None)
-            continue
+    for row in rows:
         ok, label = parse_label(
-            row["emotions"], label_space, policy, field="emotions", line=line, name=name
+            row["emotions"],
+            label_space,
+            rows.policy,
+            field="emotions",
+            line=row.line,
+            name=row.name,
         )
         if not ok:
             continue
         if not row["reasons"]:
-            policy.reject("reasons", "empty reasoning text", line=line, name=name)
+            rows.reject(row, "reasons", "empty reasoning text")
             continue
-        if names.claim(name, line):
+        if rows.claim(row):
             records.append(
                 SampleRecord(
-                    name=name,
+                    name=row.name,
                     split=split,
                     label=label,
                     subtitle=row["subtitles"],
@@ -91,20 +85,12 @@ def read_emer_v2(
     """
     if language not in SUBTITLE_LANGUAGES:
         raise ValueError(f"language must be one of {SUBTITLE_LANGUAGES}, got {language!r}")
-    path = require_file(path)
-    split = check_split(split, str(path))
-    policy = RowPolicy(path, on_error, report)
-    names = NameRegistry(policy)
+    rows = RowReader(path, ("name", language), on_error=on_error, report=report)
+    split = check_split(split, str(rows.path))
     records: list[SampleRecord] = []
-    for line, row, problem in iter_csv_rows(path, ("name", language)):
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-            continue
-        name = row["name"]
-        if not name:
-            policy.reject("name", "empty name", line=line, name=None)
-        elif not row[language]:
-            policy.reject(language, "empty reasoning text", line=line, name=name)
-        elif names.claim(name, line):
-            records.append(SampleRecord(name=name, split=split, reason=row[language]))
+    for row in rows:
+        if not row[language]:
+            rows.reject(row, language, "empty reasoning text")
+        elif rows.claim(row):
+            records.append(SampleRecord(name=row.name, split=split, reason=row[language]))
     return records

@@ -18,12 +18,11 @@ from src.data.formats.rows import (
     NameRegistry,
     OnError,
     RowPolicy,
+    RowReader,
     check_split,
-    iter_csv_rows,
     iter_text_rows,
     parse_float,
     parse_label,
-    read_header,
     require_file,
 )
 
@@ -61,80 +60,31 @@ def read_label_csv(
         on_error: ``"raise"`` a :class:`FormatError` on the first bad row, or ``"skip"`` it.
         report: Receives skipped rows (required with ``on_error="skip"``).
     """
-    path = require_file(path)
-    split = check_split(split or infer_split(path), str(path))
-    policy = RowPolicy(path, on_error, report)
-    names = NameRegistry(policy)
+    rows = RowReader(path, ("name", "discrete"), ("valence",), on_error=on_error, report=report)
+    split = check_split(split or infer_split(rows.path), str(rows.path))
     records: list[SampleRecord] = []
-    for line, row, problem in iter_csv_rows(path, ("name", "discrete"), ("valence",)):
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-            continue
-        name = row["name"]
-        if not name:
-            policy.reject("name", "empty name", line=line, name=None)
-            continue
+    for row in rows:
+        where = {"line": row.line, "name": row.name}
         ok, label = parse_label(
-            row["discrete"], label_space, policy, field="discrete", line=line, name=name
+            row["discrete"], label_space, rows.policy, field="discrete", **where
         )
         if not ok:
             continue
-        ok, valence = parse_float(row.get("valence"), policy, field="valence", line=line, name=name)
-        if not ok or not names.claim(name, line):
+        ok, valence = parse_float(row.get("valence"), rows.policy, field="valence", **where)
+        if not ok or not rows.claim(row):
             continue
-        records.append(SampleRecord(name=name, split=split, label=label, valence=valence))
+        records.append(SampleRecord(name=row.name, split=split, label=label, valence=valence))
     return records
-
-
-def read_subtitles(
-    path: str | Path,
-    *,
-    language: str = "english",
-    on_error: OnError = "raise",
-    report: SkipReport | None = None,
-) -> dict[str, str]:
-    """Read a subtitle CSV into ``{name: text}``.
-
-    ``name,chinese,english`` files give the chosen ``language``; Emotion-LLaMA's ``name,sentence``
-    files (one language) give ``sentence`` whatever ``language`` is. Empty texts are kept as ``""``.
-    """
-    if language not in SUBTITLE_LANGUAGES:
-        raise ValueError(f"language must be one of {SUBTITLE_LANGUAGES}, got {language!r}")
-    path = require_file(path, "subtitle file")
-    header = read_header(path)
-    column = language if language in header or "sentence" not in header else "sentence"
-    policy = RowPolicy(path, on_error, report)
-    names = NameRegistry(policy)
-    texts: dict[str, str] = {}
-    for line, row, problem in iter_csv_rows(path, ("name", column)):
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-            continue
-        name = row["name"]
-        if not name:
-            policy.reject("name", "empty name", line=line, name=None)
-            continue
-        if names.claim(name, line):
-            texts[name] = row[column]
-    return texts
 
 
 def read_transcription(
     path: str | Path, *, on_error: OnError = "raise", report: SkipReport | None = None
 ) -> dict[str, str]:
     """Read Emotion-LLaMA's ``name,sentence`` transcription CSV into ``{name: sentence}``."""
-    path = require_file(path, "transcription file")
-    policy = RowPolicy(path, on_error, report)
-    names = NameRegistry(policy)
-    texts: dict[str, str] = {}
-    for line, row, problem in iter_csv_rows(path, ("name", "sentence")):
-        if row is None:
-            policy.reject("<row>", str(problem), line=line, name=None)
-        elif not row["name"]:
-            policy.reject("name", "empty name", line=line, name=None)
-        elif names.claim(row["name"], line):
-            texts[row["name"]] = row["sentence"]
-    return texts
+    rows = RowReader(
+        path, ("name", "sentence"), on_error=on_error, report=report, what="transcription file"
+    )
+    return {row.name: row["sentence"] for row in rows if rows.claim(row)}
 
 
 def read_emotion_llama_list(

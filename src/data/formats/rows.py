@@ -1,10 +1,16 @@
-"""Shared machinery of the annotation parsers: errors, the on_error policy, CSV/text row readers."""
+"""The annotation parsers' shared machinery: errors, the on_error policy, and the row readers.
+
+:class:`RowReader` is the one CSV row loop of every format reader: it names the file, turns a
+malformed row or an empty name into a rejection (raised, or skipped into the report), and keeps
+the duplicate-name check; the reader itself only validates its own columns.
+"""
 
 import csv
 import errno
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -174,6 +180,93 @@ def iter_csv_rows(
                 yield start, None, problem
                 continue
             yield start, {h: v.strip() for h, v in zip(header, fields, strict=True)}, None
+
+
+def empty_name_reason(name: str) -> str | None:
+    """Why ``name`` cannot name a sample (``None`` when it can): the default name check."""
+    return None if name else "empty name"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One well-formed data row of a CSV file.
+
+    Args:
+        line: 1-based line where the row starts (header included).
+        name: The sample name (the reader's ``name_field``), checked.
+        values: Column -> stripped value (the required columns and the optional ones present).
+    """
+
+    line: int
+    name: str
+    values: dict[str, str]
+
+    def __getitem__(self, column: str) -> str:
+        return self.values[column]
+
+    def get(self, column: str, default: str | None = None) -> str | None:
+        return self.values.get(column, default)
+
+
+class RowReader:
+    """Iterate the well-formed rows of an annotation CSV with a header, under an on_error policy.
+
+    A row with the wrong number of fields (field ``<row>``) or a bad name (``name_field``, by
+    ``check_name``) is rejected: :class:`FormatError` with ``on_error="raise"``, a report entry
+    with ``"skip"``. The caller validates its own columns with :meth:`reject` and claims the
+    name with :meth:`claim` once the row is good (a duplicate is rejected naming both lines).
+
+    Args:
+        path: The CSV file (missing: ``FileNotFoundError`` naming ``what``).
+        required: Columns the header must have (else :class:`FormatError` naming the first).
+        optional: Columns kept when present.
+        on_error: ``"raise"`` or ``"skip"``.
+        report: Receives skipped rows (required with ``on_error="skip"``).
+        name_field: The column holding the sample name; ``None``: no name check.
+        check_name: Why a name is unusable (``None`` when fine).
+        what: How the file is named in a missing-file error.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        required: Sequence[str],
+        optional: Sequence[str] = (),
+        *,
+        on_error: OnError = "raise",
+        report: SkipReport | None = None,
+        name_field: str | None = "name",
+        check_name: Callable[[str], str | None] = empty_name_reason,
+        what: str = "annotation file",
+    ) -> None:
+        self.path = require_file(path, what)
+        self.required, self.optional = tuple(required), tuple(optional)
+        self.policy = RowPolicy(self.path, on_error, report)
+        self.names = NameRegistry(self.policy)
+        self.name_field, self.check_name = name_field, check_name
+        #: Data rows seen so far, the malformed and rejected ones included.
+        self.rows_seen = 0
+
+    def __iter__(self) -> Iterator[Row]:
+        for line, values, problem in iter_csv_rows(self.path, self.required, self.optional):
+            self.rows_seen += 1
+            if values is None:
+                self.policy.reject("<row>", str(problem), line=line, name=None)
+                continue
+            name = values[self.name_field] if self.name_field else ""
+            why = self.check_name(name) if self.name_field else None
+            if why:
+                self.policy.reject(str(self.name_field), why, line=line, name=None)
+                continue
+            yield Row(line, name, values)
+
+    def reject(self, row: Row, field: str, reason: str) -> None:
+        """Reject ``row`` for ``field``: raise, or add it to the report."""
+        self.policy.reject(field, reason, line=row.line, name=row.name or None)
+
+    def claim(self, row: Row) -> bool:
+        """``True`` if the row's name is new; a duplicate is rejected naming both lines."""
+        return self.names.claim(row.name, row.line)
 
 
 def iter_text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:

@@ -1,6 +1,6 @@
 """MoSE as an :class:`Adapter`: modality-specific experts, gating loss, dynamic modality weights.
 
-Configured under ``model.init_args.adapter`` (see ``conf/experiment/mose_adapter.yaml``); the
+Configured as a method's adapter (``conf/method/mose.yaml`` -> ``conf/adapter/mose.yaml``); the
 emotion LightningModule calls :meth:`apply` once, :meth:`on_train_batch_start` before each
 training forward, adds :meth:`auxiliary_loss` to the task loss, logs :meth:`step_metrics` as
 ``train/<key>`` and :meth:`figures` as MLflow artifacts. Equations: ``docs/mose.md``.

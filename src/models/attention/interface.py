@@ -33,11 +33,6 @@ def unwrap_backbone(backbone: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else backbone
 
 
-def is_active(name: str) -> bool:
-    """Whether a reallocator is installed under ``name``."""
-    return name in _ACTIVE
-
-
 def _dispatcher(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     def attention(
         module: nn.Module,

@@ -10,7 +10,7 @@ from src.core.label_space import MER2023
 from src.core.records import SampleRecord
 from src.data.camer import manifest as camer
 from src.data.components.skip_report import SkipReport
-from src.data.formats import dfew, emer, mer2023
+from src.data.formats import dfew, emer, mer2023, subtitles
 from src.data.formats.rows import FormatError
 
 
@@ -102,7 +102,7 @@ def test_emotion_llama_list_bad_lines(tmp_path):
 
 def test_missing_subtitle_is_an_error_or_a_reported_skip(tmp_path):
     subs = write(tmp_path / "transcription.csv", "name,sentence\ns1,hello there\n")
-    texts = mer2023.read_subtitles(subs, language="chinese")  # name,sentence: one language
+    texts = subtitles.read_subtitles(subs, column="chinese")  # name,sentence: one language
     assert texts == {"s1": "hello there"} == mer2023.read_transcription(subs)
     records = [SampleRecord("s1", label="happy"), SampleRecord("s2", label="sad")]
     with pytest.raises(FormatError, match="s2.*no subtitle") as info:
@@ -118,7 +118,7 @@ def test_missing_subtitle_is_an_error_or_a_reported_skip(tmp_path):
 def test_subtitle_csv_without_the_language_column(tmp_path):
     subs = write(tmp_path / "t.csv", "name,chinese\ns1,你好\n")
     with pytest.raises(FormatError, match="missing column.*english"):
-        mer2023.read_subtitles(subs)
+        subtitles.read_subtitles(subs)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from src.core.label_space import DFEW, MER2023, MERR
-from src.data.formats import dfew, emer, mer2023
+from src.data.formats import dfew, emer, mer2023, subtitles
 
 CLIP_LABELS = {
     "sample_00000167": "neutral",
@@ -36,8 +36,8 @@ def test_mer2023_label_csv_file_name_gives_no_split(realdata):
 
 def test_mer2023_subtitles_in_both_languages(realdata):
     path = realdata / "mer2023-mini/transcription.csv"
-    english = mer2023.read_subtitles(path, language="english")
-    chinese = mer2023.read_subtitles(path, language="chinese")
+    english = subtitles.read_subtitles(path, column="english")
+    chinese = subtitles.read_subtitles(path, column="chinese")
     assert set(english) == set(chinese) == set(CLIP_LABELS)
     assert english["sample_00000338"] == "Oh no, my phone and wallet are both in the bag."
     assert chinese["sample_00000338"] == "糟了，我手机、钱包都在包里呢。"
