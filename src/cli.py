@@ -6,85 +6,18 @@ checkpoint is tested on the test split (turn off with ``--test_after_fit false``
 
 import importlib
 import sys
-import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-
+# Light imports only: Lightning, torch, transformers and peft load when a command needs them
+# (src.lightning_cli for fit/validate/test/predict; each extra command imports its own module).
 from src.commands.registry import EXTRA_COMMANDS
-from src.io.checkpoint_io import check_checkpoint_fits, use_safe_checkpoint_io
-from src.tracking.config_artifact import LogConfigToMLflow
-from src.tracking.mlflow_logger import check_logger_config
-from src.tracking.resume import resolve_config_checkpoint, resume_logging
-
-# The frozen backbone stays in eval mode on purpose (no dropout in frozen weights).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-
-class MoSEARCLI(LightningCLI):
-    """LightningCLI with the data module's tokenizer, labels and streams linked into the model."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in (
-            ("data.tokenizer_path", "model.init_args.tokenizer"),
-            ("data.label_names", "model.init_args.labels"),
-            ("data.streams", "model.init_args.streams"),
-        ):
-            parser.link_arguments(source, target, apply_on="instantiate")
-        parser.add_argument(
-            "--test_after_fit",
-            type=bool,
-            default=True,
-            help="After fit, test the best checkpoint (by validation) on the test split.",
-        )
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
-        # Before anything is built: `--ckpt_path last` becomes the newest last.ckpt under
-        # default_root_dir, and the checkpoint is loaded weights-only (a crafted pickle is
-        # refused with a clear message). See src/tracking/resume.py.
-        self._checkpoint_run_id = resolve_config_checkpoint(self.config)
-
-    def before_instantiate_classes(self) -> None:
-        # An unreachable or locked tracking backend stops the run before data and model exist.
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is not None and config.get("trainer") is not None:
-            check_logger_config(config["trainer"].get("logger"))
-
-    def before_fit(self) -> None:
-        self._prepare_checkpoint_loading()
-        # A resumed fit logs into the MLflow run its checkpoint came from.
-        resume_logging(self.trainer, self._checkpoint_run_id)
-
-    def before_validate(self) -> None:
-        self._prepare_checkpoint_loading()
-        resume_logging(self.trainer, None)
-
-    def before_test(self) -> None:
-        self._prepare_checkpoint_loading()
-        resume_logging(self.trainer, None)
-
-    def before_predict(self) -> None:
-        self._prepare_checkpoint_loading()
-        resume_logging(self.trainer, None)
-
-    def _prepare_checkpoint_loading(self) -> None:
-        # Weights-only loading and atomic saves; a checkpoint of another model config is refused
-        # naming the file, the tensor and both shapes.
-        use_safe_checkpoint_io(self.trainer.strategy)
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            check_checkpoint_fits(self.model, ckpt_path)
-
-    def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
-            has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
-            self.trainer.test(
-                self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None
-            )
+if TYPE_CHECKING:
+    from src.lightning_cli import MoSEARCLI
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
@@ -103,17 +36,40 @@ def _run_extra(name: str, argv: list[str]) -> int:
     return int(getattr(importlib.import_module(module_name), function)(argv) or 0)
 
 
-def main(args: list[str] | None = None) -> MoSEARCLI | int:
+#: One line per Lightning subcommand for the top-level help (its options: ``<command> --help``).
+LIGHTNING_HELP = {
+    "fit": "train (conf/default.yaml: the embedded demo), then test the best checkpoint",
+    "validate": "run one validation epoch",
+    "test": "test a checkpoint on the test split",
+    "predict": "predict and write the predictions",
+}
+
+
+def print_help(file: Any = None) -> None:
+    """The top-level help: every command, without importing Lightning (fast)."""
+    file = file or sys.stdout
+    width = max(map(len, [*EXTRA_COMMANDS, *LIGHTNING_SUBCOMMANDS]))
+    print(
+        "usage: python -m src.cli <command> [options]   (<command> --help: its options)", file=file
+    )
+    print("\ntraining commands (LightningCLI, YAML configs under conf/):", file=file)
+    for name in LIGHTNING_SUBCOMMANDS:
+        print(f"  {name:<{width}}  {LIGHTNING_HELP[name]}", file=file)
+    print("\nextra commands:", file=file)
+    for name, (_, help_text) in EXTRA_COMMANDS.items():
+        print(f"  {name:<{width}}  {help_text}", file=file)
+
+
+def main(args: list[str] | None = None) -> "MoSEARCLI | int":
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])``)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return _run_extra(argv[0], argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
-        width = max(map(len, EXTRA_COMMANDS))
-        print("extra commands (python -m src.cli <command> --help):")
-        for name, (_, help_text) in EXTRA_COMMANDS.items():
-            print(f"  {name:<{width}}  {help_text}")
-        print()
+        print_help(sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    from src.lightning_cli import LogConfigToMLflow, MoSEARCLI
+
     argv = _with_default_config(argv)
     if args is None:
         # From the shell: keep sys.argv complete (with the default config), since the DDP
