@@ -27,7 +27,7 @@ print(json.dumps({"code": code, "loaded": [m for m in HEAVY if m in sys.modules]
 
 def loaded_by(*argv: str) -> tuple[int, list[str], str]:
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -56,7 +56,7 @@ def test_commands_that_do_not_train_skip_lightning_and_peft(argv, allowed):
 
 def test_no_command_prints_the_help_and_fails():
     proc = subprocess.run(
-        [sys.executable, "-m", "src.cli"], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "src.cli"], cwd=REPO, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 2
     assert "fit" in proc.stderr and "build-camer" in proc.stderr
