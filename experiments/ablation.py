@@ -1,8 +1,7 @@
 """The ablation table: plain LoRA, LoRA+AR, MoSE, MoSE+AR (= MoSEAR) over seeds on CA-MER.
 
-Each seed trains LoRA and MoSE once (same rank r = 8, so MoSE has about 5x LoRA's trainable parameters; same data, same frozen
-backbone) and tests
-the best checkpoint (by validation) twice: without AR and with the AR callback. Every run is an
+Each seed trains LoRA and MoSE once (same rank r = 8, so MoSE has about 5x LoRA's trainable
+parameters; same data, same frozen backbone) and tests the best checkpoint (by validation) twice: without AR and with the AR callback. Every run is an
 MLflow run tagged ``method`` and ``seed`` in the experiment ``--experiment``; the script ends by
 calling ``compare`` (mean ± std over seeds, CSV, Markdown and a bar chart).
 
