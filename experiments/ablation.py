@@ -1,8 +1,8 @@
 """The ablation table: plain LoRA, LoRA+AR, MoSE, MoSE+AR (= MoSEAR) over seeds on CA-MER.
 
 Each seed trains LoRA and MoSE once (same rank r = 8, so MoSE has about 5x LoRA's trainable
-parameters; same data, same frozen backbone) and tests the best checkpoint (by validation) twice: without AR and with the AR callback. Every run is an
-MLflow run tagged ``method`` and ``seed`` in the experiment ``--experiment``; the script ends by
+parameters; same data, same frozen backbone) and tests the best checkpoint (by validation)
+twice: without AR and with the AR callback. Every run is an MLflow run tagged ``method`` and ``seed`` in the experiment ``--experiment``; the script ends by
 calling ``compare`` (mean ± std over seeds, CSV, Markdown and a bar chart).
 
     python experiments/ablation.py                       # synthetic CA-MER default, 3 seeds
