@@ -2,8 +2,9 @@
 
 Each seed trains LoRA and MoSE once (same rank r = 8, so MoSE has about 5x LoRA's trainable
 parameters; same data, same frozen backbone) and tests the best checkpoint (by validation)
-twice: without AR and with the AR callback. Every run is an MLflow run tagged ``method`` and ``seed`` in the experiment ``--experiment``; the script ends by
-calling ``compare`` (mean ± std over seeds, CSV, Markdown and a bar chart).
+twice: without AR and with the AR callback. Every run is an MLflow run tagged ``method`` and
+``seed`` in the experiment ``--experiment``; the script ends by calling ``compare`` (mean ± std
+over seeds, CSV, Markdown and a bar chart).
 
     python experiments/ablation.py                       # synthetic CA-MER default, 3 seeds
     python experiments/ablation.py --seeds 0 1 2 --max_epochs 10 --output outputs/ablation
