@@ -1,7 +1,8 @@
 """The ablation: every world x {LoRA, LoRA+AR, MoSE, MoSEAR, modality dropout, OGM-GE} x seeds.
 
 Each (world, seed) trains LoRA, MoSE, LoRA with modality dropout and LoRA with OGM-GE
-modulation (same rank budget, same data, same frozen backbone) and tests the best checkpoint (by
+modulation (same rank r = 8, so MoSE has about 5x LoRA's trainable parameters;
+same data, same frozen backbone) and tests the best checkpoint (by
 validation); ``lora_ar`` and ``mosear`` are test-only runs of the LoRA and MoSE checkpoints with
 AR calibrated on the validation split. Fits run in parallel subprocesses (``--jobs``), each with
 ``OMP_NUM_THREADS=1``; a finished run leaves ``result.json`` in its folder and is skipped on the

@@ -6,14 +6,20 @@ reports each variant's median step time and its ratio to peft LoRA. Peak memory 
 warm step above what was allocated before it: ``torch.cuda.max_memory_allocated`` on CUDA, the
 peak of the torch profiler's memory timeline on CPU.
 
-Rank budget: peft LoRA has rank ``r``. ``mose_split`` gives each of a modality's ``E`` experts
-rank ``r / E`` (shared ``A`` of rank ``r / E``), so a token passes through ``E * r/E = r`` rank
-units of ``B``, as in the LoRA; ``mose_full`` gives every expert rank ``r`` (HydraLoRA-style,
-``E`` times the ``B`` parameters). ``mose_loop`` is ``mose_split`` computing the experts one by one;
-``mose_compiled`` is ``mose_split`` with ``compile=True`` (not run unless named in --variants).
+Equal trainable parameters: ``mose_split`` gives each of a modality's ``E`` experts (and the
+shared ``A``) rank ``r / E``; the peft LoRA baseline ``lora`` gets the rank whose trainable
+parameter count is closest to ``mose_split``'s (shared ``A``, all expert ``B``'s and the gates
+counted), so the two compare at equal parameters (``--lora-rank`` overrides it). ``lora_r`` is a
+LoRA of rank ``r`` itself (the "same rank units per token" budget, fewer parameters than MoSE).
+``mose_full`` gives every expert rank ``r`` (HydraLoRA-style, about ``E`` times the parameters):
+reported separately, it is not parameter-matched. ``mose_loop`` is ``mose_split`` computing the
+experts one by one; ``mose_compiled`` is ``mose_split`` with ``compile=True`` (``torch.compile``
+of the adapter math, the GPU path: it fuses the ~20 small kernels of a MoSE layer).
 
     python experiments/bench_mose.py                       # CPU defaults (see --help)
-    python experiments/bench_mose.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8
+    python experiments/bench_mose.py --device cuda --dtype bfloat16 --hidden 4096 \
+        --intermediate 11008 --layers 4 --heads 32 --kv-heads 32 --vocab 32000 --rank 64 \
+        --variants lora,mose_split,mose_compiled,mose_full --steps 30 --warmup 10
 """
 
 import argparse
@@ -38,8 +44,8 @@ from src.models.modality_context import ModalityContext  # noqa: E402
 from src.models.mose import MoSELinear, inject_mose  # noqa: E402
 from src.models.mose_regularizer import MoSEGateLoss  # noqa: E402
 
-VARIANTS = ("lora", "mose_split", "mose_full", "mose_loop", "mose_compiled")
-DEFAULT_VARIANTS = VARIANTS[:4]
+VARIANTS = ("lora", "lora_r", "mose_split", "mose_full", "mose_loop", "mose_compiled")
+DEFAULT_VARIANTS = ("lora", "mose_split", "mose_compiled", "mose_full", "mose_loop")
 
 
 class LoopMoSELinear(MoSELinear):
@@ -66,7 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audio", type=int, default=1, help="audio tokens per sample")
     p.add_argument("--text", type=int, default=43, help="text tokens per sample")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16, help="peft LoRA rank r")
+    p.add_argument("--rank", type=int, default=16, help="rank budget r (MoSE experts: r / E)")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="rank of the `lora` baseline (default: matched to mose_split's trainable parameters)",
+    )
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--experts", type=int, default=4, help="experts per modality (audio, visual)")
     p.add_argument("--text-mode", default="lora", choices=("experts", "lora", "none"))
@@ -102,9 +114,13 @@ def build(args: argparse.Namespace, variant: str) -> tuple[torch.nn.Module, Any]
     model = LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype))
     ctx = ModalityContext()
     layers: list[MoSELinear] = []
-    if variant == "lora":
+    if variant in ("lora", "lora_r"):
+        rank = args.rank if variant == "lora_r" else args.lora_rank
         lora = LoraConfig(
-            r=args.rank, lora_alpha=args.alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0
+            r=rank,
+            lora_alpha=args.alpha * rank / args.rank,  # same scaling alpha / r for every variant
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0,
         )
         # get_peft_model keeps the adapter in float32 on a half-precision backbone
         # (autocast_adapter_dtype), as MoSE does; only the LoRA parameters train.
@@ -148,6 +164,14 @@ def build(args: argparse.Namespace, variant: str) -> tuple[torch.nn.Module, Any]
         optimizer.step()
 
     return step, sum(p.numel() for p in params)
+
+
+def matched_lora_rank(args: argparse.Namespace) -> int:
+    """The LoRA rank whose trainable parameter count is closest to ``mose_split``'s."""
+    _, mose = build(args, "mose_split")
+    probe = argparse.Namespace(**{**vars(args), "lora_rank": 1})
+    _, per_rank = build(probe, "lora")  # LoRA parameters grow linearly with the rank
+    return max(1, round(mose / per_rank))
 
 
 def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -270,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown or "lora" not in variants:
         raise SystemExit(f"--variants must include lora and be among {VARIANTS}, got {variants}")
+    if args.lora_rank is None:
+        args.lora_rank = matched_lora_rank(args)
     results, steps = time_variants(args, variants)
     for v in variants:
         results[v]["peak_mib"] = step_peak_mib(steps[v], args.device)
@@ -278,18 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
         f"hidden={args.hidden} layers={args.layers} batch={args.batch} seq={seq} "
-        f"(visual {args.visual}, audio {args.audio}, text {args.text}) lora_r={args.rank} "
+        f"(visual {args.visual}, audio {args.audio}, text {args.text}) rank budget r={args.rank} "
+        f"lora rank={args.lora_rank} (parameter-matched to mose_split) "
         f"experts={args.experts} text_mode={args.text_mode} top_k={args.top_k} "
         f"gate_loss=({args.balance_weight}, {args.modality_balance_weight}) "
         f"steps={args.steps} (median after {args.warmup} warm-up)"
     )
-    header = f"{'variant':<13} {'trainable':>10} {'step ms':>9} {'x LoRA':>7} "
+    header = f"{'variant':<13} {'trainable':>10} {'x LoRA':>7} {'step ms':>9} {'x LoRA':>7} "
     header += f"{'peak MiB':>9} {'x LoRA':>7}"
     print(header)
     for v in variants:
         r = results[v]
         print(
-            f"{v:<13} {r['trainable']:>10,} {r['step_ms']:>9.2f} "
+            f"{v:<13} {r['trainable']:>10,} {r['trainable'] / base['trainable']:>7.2f} "
+            f"{r['step_ms']:>9.2f} "
             f"{r['step_ms'] / base['step_ms']:>7.2f} {r['peak_mib']:>9.1f} "
             f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):>7.2f}"
         )

@@ -6,8 +6,8 @@ from jsonargparse import ArgumentParser
 
 from src.core.errors import STRICT_PARSER
 from src.io.atomic import atomic_open
+from src.tracking.backend_check import DEFAULT_MLFLOW_DIR, default_tracking_uri
 from src.tracking.compare import DEFAULT_METRICS, bar_chart, select_runs, summarize, to_markdown
-from src.tracking.mlflow_logger import DEFAULT_MLFLOW_DIR, default_tracking_uri
 
 
 def build_parser() -> ArgumentParser:

@@ -105,10 +105,11 @@ def clip_attention_shares(
     """Per-clip shares from a :class:`~src.models.attention.share_monitor.ShareMonitor` row
     record: ``{"before": {modality: share}, "after": {...}, "entries": n}`` per sample.
 
-    Every forward of the model puts a sample's rows together (the label scoring repeats each
-    prompt once per label, ``repeat_interleave``), so row ``r`` of a forward with ``R`` rows is
-    sample ``r // (R / B)``. A share is the mean over the sample's monitored entries (layer,
-    head, query row) of the softmax mass on that modality's keys, as the AR metrics are.
+    Every forward of the model puts a sample's rows together (label scoring runs one row per
+    sample; a forward that repeats samples does it with ``repeat_interleave``), so row ``r`` of a
+    forward with ``R`` rows is sample ``r // (R / B)``. A share is the mean over the sample's
+    monitored entries (layer, head, query row) of the softmax mass on that modality's keys, as
+    the AR metrics are.
     """
     total = None
     for n, sums in rows.items():

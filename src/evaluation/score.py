@@ -43,7 +43,7 @@ from src.core.errors import STRICT_PARSER, InvalidInputError
 from src.core.label_space import LABEL_SPACES, MER2023, LabelSpace, get_label_space
 from src.core.records import SUBSETS
 from src.data.formats.rows import utf8_errors
-from src.evaluation.prediction_writer import atomic_open
+from src.io.atomic import atomic_open
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.metrics.emotion_vocabulary import EmotionVocabulary, normalise_word
 from src.metrics.open_vocabulary import (

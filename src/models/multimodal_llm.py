@@ -11,6 +11,7 @@ from src.core.modality import Modality
 from src.core.streams import StreamSpec
 from src.data.components.batch import EmotionBatch, left_aligned, with_continuations
 from src.data.components.prompt import encode_answer
+from src.models.label_scoring import AnswerTree, tree_inputs, tree_scores
 from src.models.modality_context import ModalityContext
 from src.models.projector import FeatureProjector
 
@@ -56,6 +57,7 @@ class MultimodalEmotionLLM(nn.Module):
             }
         )
         self.label_answer_ids = [encode_answer(tokenizer, label) for label in self.labels]
+        self._answer_trees = {"cpu": AnswerTree.build(self.label_answer_ids)}
 
     # ----------------------------------------------------------------------------- embeddings
     def embed(
@@ -140,11 +142,42 @@ class MultimodalEmotionLLM(nn.Module):
     def score_labels(
         self, batch: EmotionBatch, drop_modalities: Sequence[Modality] = ()
     ) -> torch.Tensor:
-        """Log-likelihood of every label as the answer, ``(B, num_labels)``, in one batched pass.
+        """Log-likelihood of every label as the answer, ``(B, num_labels)``, in one pass.
 
+        Each prompt runs once, followed by all label answers under a tree-shaped attention mask
+        (:mod:`src.models.label_scoring`); equal to :meth:`score_labels_repeated`.
         ``drop_modalities`` masks those modalities' tokens out of attention, giving the
         prediction from the remaining modalities alone.
         """
+        batch = self._drop(batch, drop_modalities)
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        answers = self.answer_tree(batch["input_ids"].device)
+        tree = tree_inputs(batch, answers, dtype)
+        out = self.run_backbone(
+            tree.input_ids,
+            tree.attention_mask,
+            tree.modality_ids,
+            tree.stream_ids,
+            batch["features"],
+            position_ids=tree.position_ids,
+            logits_to_keep=tree.keep,
+            use_cache=False,
+        )
+        return tree_scores(out.logits, answers, self.length_normalize)
+
+    def answer_tree(self, device: torch.device | str = "cpu") -> AnswerTree:
+        """The label answers' :class:`AnswerTree` on ``device`` (copied there once)."""
+        key = str(device)
+        if key not in self._answer_trees:
+            self._answer_trees[key] = self._answer_trees["cpu"].to(device)
+        return self._answer_trees[key]
+
+    def score_labels_repeated(
+        self, batch: dict[str, Any], drop_modalities: Sequence[Modality] = ()
+    ) -> torch.Tensor:
+        """:meth:`score_labels` the direct way: every prompt repeated once per label, each row
+        ``prompt + answer`` (``B x L`` rows). The reference of the parity tests and the
+        benchmark (``experiments/bench_scoring.py``)."""
         batch = self._drop(batch, drop_modalities)
         n_labels = len(self.labels)
         rows = batch["input_ids"].shape[0]

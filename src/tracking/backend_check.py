@@ -22,6 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from src.core.errors import UserError
 
+#: Folder of the default sqlite store (``<dir>/mlflow.db``).
+DEFAULT_MLFLOW_DIR = "mlruns"
+
 WHAT_TO_DO = (
     "Nothing was trained. Fix trainer.logger.init_args.tracking_uri (or $MLFLOW_TRACKING_URI), "
     "start the tracking server, or log to a local store with "
@@ -36,6 +39,14 @@ class TrackingBackendError(UserError, RuntimeError):
         super().__init__(f"MLflow tracking backend {uri}: {reason}. {WHAT_TO_DO}")
         self.uri = uri
         self.reason = reason
+
+
+def default_tracking_uri(directory: str | Path = DEFAULT_MLFLOW_DIR) -> str:
+    """``sqlite:///<abs dir>/mlflow.db``, creating the folder (here, not in the Lightning
+    logger's module, so that ``compare`` does not import Lightning)."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{directory / 'mlflow.db'}"
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -12,19 +12,12 @@ from mlflow.exceptions import MlflowException
 
 from src.core.plain_data import PlainScalar
 from src.tracking.backend_check import (
+    DEFAULT_MLFLOW_DIR,
     TrackingBackendError,
     check_tracking_backend,
+    default_tracking_uri,
     ensure_experiment,
 )
-
-DEFAULT_MLFLOW_DIR = "mlruns"
-
-
-def default_tracking_uri(directory: str | Path = DEFAULT_MLFLOW_DIR) -> str:
-    """``sqlite:///<abs dir>/mlflow.db``, creating the folder."""
-    directory = Path(directory).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{directory / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(tracking_uri: str | None, save_dir: str | Path) -> str:

@@ -262,8 +262,11 @@ def test_attention_shares_per_clip_with_ar(realdata, kit, tmp_path):
         check_record(record, MER2023.labels)
         attention = record["attention"]
         assert set(attention) == {"before", "after", "entries"}
-        # One row per (label sequence) x heads x layers.
-        assert attention["entries"] == len(MER2023.labels) * BACKBONE["num_attention_heads"]
+        # Label scoring runs the prompt once with every answer after it: one `last` row per clip
+        # (the final answer's last token) x heads x layers.
+        assert attention["entries"] == (
+            BACKBONE["num_hidden_layers"] * BACKBONE["num_attention_heads"]
+        )
         for stage in ("before", "after"):
             shares = attention[stage]
             assert list(shares) == ["audio", "visual", "text"]

@@ -1,4 +1,10 @@
-"""Closed-set label scoring in one batched pass equals a direct per-label computation."""
+"""Closed-set label scoring in one pass equals a direct per-label computation.
+
+``score_labels`` runs each prompt once with every label's answer after it (tree-shaped
+attention mask); ``score_labels_repeated`` is the method it replaced (each prompt repeated once
+per label). Both must give the same scores with padding, dropped modalities, multi-token labels,
+grouped-query attention, the eager attention implementation, MoSE routing and AR installed.
+"""
 
 from pathlib import Path
 
@@ -10,7 +16,10 @@ from src.core.streams import StreamSpec
 from src.data.camer.datamodule import CAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig
 from src.models.adapters.lora import LoRAAdapter
+from src.models.adapters.mose_adapter import MoSEAdapter
+from src.models.attention import Reallocator, reallocated
 from src.models.emotion_module import EmotionLLMModule
+from src.models.label_scoring import AnswerTree
 
 STREAMS = [
     StreamSpec("face", "mae_340_UTT", "visual", 8, 3),
@@ -128,3 +137,142 @@ def test_a_hub_id_fails_with_advice(setup, tmp_path: Path):
             labels=["a"],
             streams=STREAMS,
         )
+
+
+# --------------------------------------------------------------------- one pass vs repeated
+
+
+def build_module(data_setup, adapter=None, labels=None, **kwargs) -> EmotionLLMModule:
+    """A tiny module with non-zero adapter weights (so the adapter takes part in the check)."""
+    module_, batch = data_setup
+    module = EmotionLLMModule(
+        backbone_config=TINY_LLAMA,
+        adapter=adapter,
+        tokenizer=module_.hparams["tokenizer"],
+        labels=labels or list(module_.model.labels),
+        streams=STREAMS,
+        **kwargs,
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name or ".experts." in name:
+                p.normal_(0, 0.1)
+    return module.eval()
+
+
+def assert_same_scores(llm, batch, drop=()) -> torch.Tensor:
+    with torch.no_grad():
+        new = llm.score_labels(batch, drop_modalities=drop)
+        old = llm.score_labels_repeated(batch, drop_modalities=drop)
+    assert new.shape == old.shape == (batch["input_ids"].shape[0], len(llm.labels))
+    torch.testing.assert_close(new, old, rtol=0, atol=2e-5)
+    assert torch.equal(new.argmax(1), old.argmax(1))
+    return new
+
+
+def test_padded_prompts_of_different_lengths_and_dropped_modalities(setup):
+    module, batch = setup
+    lengths = (batch["modality_ids"] != int(Modality.PAD)).sum(1)
+    assert lengths.unique().numel() > 1  # right padding takes part
+    for drop in ((), (Modality.AUDIO,), (Modality.VISUAL,)):
+        assert_same_scores(module.model, batch, drop)
+
+
+def test_a_wider_padded_batch_changes_nothing(setup):
+    """Extra padding columns (a wider collated batch) give the same scores."""
+    module, batch = setup
+    extra = 7
+    padded = {**batch}
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("modality_ids", -1)):
+        padded[key] = torch.nn.functional.pad(batch[key], (0, extra), value=fill)
+    padded["stream_ids"] = torch.nn.functional.pad(batch["stream_ids"], (0, extra), value=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.model.score_labels(padded), module.model.score_labels(batch), rtol=0, atol=2e-5
+        )
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_multi_token_labels_of_different_lengths(setup, length_normalize):
+    # Label "words" of 1 to 3 tokens (plus EOS) from the synthetic vocabulary.
+    labels = ["happy", "sad angry", "neutral worried surprise", "angry"]
+    module = build_module(setup, LoRAAdapter(r=4), labels, length_normalize=length_normalize)
+    lengths = [len(a) for a in module.model.label_answer_ids]
+    assert len(set(lengths)) == 3 and max(lengths) == 4
+    _, batch = setup
+    assert_same_scores(module.model, batch)
+    assert_same_scores(module.model, batch, (Modality.VISUAL,))
+
+
+def test_eager_attention_implementation_with_grouped_query_attention(setup):
+    # The tiny config has grouped-query attention (4 query heads over 2 key/value heads).
+    assert TINY_LLAMA["num_key_value_heads"] < TINY_LLAMA["num_attention_heads"]
+    _, batch = setup
+    eager = build_module(setup, LoRAAdapter(r=4), attn_implementation="eager")
+    assert_same_scores(eager.model, batch)
+
+
+@pytest.mark.parametrize("text_mode", ["lora", "experts"])
+def test_mose_routes_answer_tokens_as_text(setup, text_mode):
+    _, batch = setup
+    module = build_module(setup, MoSEAdapter(rank=4, dropout=0.0, text_mode=text_mode))
+    assert_same_scores(module.model, batch)
+    assert_same_scores(module.model, batch, (Modality.AUDIO,))
+    # With text experts off for the answer, scores would differ: the routing matters.
+    if text_mode == "experts":
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith("experts.text"):
+                    p.zero_()
+        changed = module.model.score_labels(batch)
+        base = build_module(setup, MoSEAdapter(rank=4, dropout=0.0, text_mode=text_mode))
+        assert not torch.allclose(changed, base.model.score_labels(batch), atol=1e-4)
+
+
+AR_SETTINGS = [
+    {"mode": "span_mass", "target": "proportional", "query_rows": "text"},
+    {"mode": "span_mass", "target": "fixed", "audio_share": 0.8, "query_rows": "all"},
+    {"mode": "reweight", "multipliers": {"audio": 3.0, "visual": 0.5}, "query_rows": "text"},
+    {"mode": "logit_scale", "alpha": 0.5, "query_rows": "text"},
+    {"mode": "span_mass", "target": "fixed", "audio_share": 0.9, "query_rows": "last"},
+]
+
+
+@pytest.mark.parametrize("settings", AR_SETTINGS, ids=lambda s: f"{s['mode']}-{s['query_rows']}")
+def test_scores_with_attention_reallocation_installed(setup, settings):
+    module, batch = setup
+    llm = module.model
+    layers = llm.backbone.config.num_hidden_layers
+    heads = llm.backbone.config.num_attention_heads
+    with torch.no_grad():
+        plain = llm.score_labels(batch)
+    old_ar = Reallocator(**settings).bind(llm.modality_context, layers)
+    with reallocated(llm.backbone, old_ar), torch.no_grad():
+        old = llm.score_labels_repeated(batch)
+    new_ar = Reallocator(**settings).bind(llm.modality_context, layers)
+    with reallocated(llm.backbone, new_ar), torch.no_grad():
+        new = llm.score_labels(batch, drop_modalities=())
+    torch.testing.assert_close(new, old, rtol=0, atol=2e-5)
+    if settings["query_rows"] != "last":  # `last` is each answer's final row: no score uses it
+        assert (new - plain).abs().max() > 2e-4  # ten times the parity tolerance
+    # The reallocation (and its monitor) sees each prompt row once, then each answer token once.
+    prompt = batch["modality_ids"]
+    answers = llm.answer_tree().size
+    rows = {
+        "text": int((prompt == int(Modality.TEXT)).sum()) + prompt.shape[0] * answers,
+        "all": int((prompt != int(Modality.PAD)).sum()) + prompt.shape[0] * answers,
+        "last": 1 * prompt.shape[0],
+    }[settings["query_rows"]]
+    assert new_ar.monitor.count.tolist() == [rows * heads] * layers
+
+
+def test_answer_tree_layout():
+    tree = AnswerTree.build([[5, 9], [7], [3, 4, 9]])
+    assert tree.ids.tolist() == [5, 9, 7, 3, 4, 9]
+    assert tree.label.tolist() == [0, 0, 1, 2, 2, 2]
+    assert tree.depth.tolist() == [0, 1, 0, 0, 1, 2]
+    assert tree.inner.tolist() == [0, 3, 4]  # tokens that predict a next token of their answer
+    assert tree.predictor.tolist() == [0, 1, 0, 0, 2, 3]
+    with pytest.raises(ValueError, match="answer tokens"):
+        AnswerTree.build([[1], []])
