@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.core.modality import Modality
 from src.core.streams import StreamSpec
-from src.data.components.prompt import encode_answer
+from src.data.components.prompt import label_answer_ids
 from src.models.modality_context import ModalityContext
 from src.models.projector import FeatureProjector
 
@@ -54,7 +54,8 @@ class MultimodalEmotionLLM(nn.Module):
                 for s in self.streams
             }
         )
-        self.label_answer_ids = [encode_answer(tokenizer, label) for label in self.labels]
+        # Refuses label words the tokenizer encodes alike (e.g. unknown words -> <unk>).
+        self.label_answer_ids = label_answer_ids(tokenizer, self.labels)
 
     # ----------------------------------------------------------------------------- embeddings
     def embed(
