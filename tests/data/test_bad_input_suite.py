@@ -26,7 +26,7 @@ from src.core.label_space import MER2023
 from src.core.streams import StreamSpec
 from src.data.base_datamodule import read_subtitles
 from src.data.camer import manifest as camer
-from src.data.camer.datamodule import CAMERDataModule
+from src.data.camer.datamodule import CAMERDataModule, SyntheticCAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig, generate_synthetic_camer
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError, decode_audio
@@ -443,7 +443,7 @@ def test_camer_data_module_skips_every_broken_feature_and_lists_it(tmp_path):
     streams = [STREAM.__class__(**{**STREAM.__dict__, "dim": 8})]
     root = tmp_path / "camer"
     config = SyntheticCAMERConfig(seed=0, n_train=10, n_val=4, n_test=6)
-    CAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
+    SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
     folder = root / "HL-UTT"
     broken = {
         "camer_000001": (GARBAGE, "not a readable .npy"),
@@ -455,10 +455,10 @@ def test_camer_data_module_skips_every_broken_feature_and_lists_it(tmp_path):
     for name, (content, _) in broken.items():
         (folder / f"{name}.npy").write_bytes(content)
     with pytest.raises(FeatureFileError) as info:
-        CAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
+        SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
     assert str(folder / "camer_000001.npy") in str(info.value)
 
-    module = CAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
+    module = SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
     module.setup("fit")
     listed = {row["name"]: row for row in module.skipped}
     assert set(listed) == set(broken)
