@@ -20,7 +20,7 @@ from src.data.components.dataset import FeatureDataset, MediaDataset, task_targe
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
-from src.data.components.prompt import PromptBuilder
+from src.data.components.prompt import PromptBuilder, label_answer_ids
 from src.data.components.skip_report import SkipReport
 from src.data.components.tokenizer import load_tokenizer, unknown_words
 from src.data.formats.rows import FormatError, utf8_errors
@@ -177,7 +177,7 @@ class EmotionDataModule(L.LightningDataModule):
         if self.datasets:
             return
         records = self._check_records(self.load_records())
-        self._report_unknown_words(records)  # builds the prompts: labels encoded alike fail here
+        self._check_words(records)
         label_index = {w: i for i, w in enumerate(self.label_names)}
         loader = self.media_loader() if self.source == "media" else None
         if loader is None:
@@ -230,9 +230,11 @@ class EmotionDataModule(L.LightningDataModule):
             kept.append(r)
         return kept
 
-    def _report_unknown_words(self, records: list[SampleRecord]) -> None:
-        """Count the subtitle words the tokenizer maps to ``<unk>`` and warn (never silent)."""
-        tokenizer = self.collator.prompt_builder.tokenizer
+    def _check_words(self, records: list[SampleRecord]) -> None:
+        """Refuse label words the tokenizer encodes alike (:class:`LabelCollisionError`); count
+        the subtitle words it maps to ``<unk>`` and warn (never silently)."""
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        label_answer_ids(tokenizer, self.label_names)
         subtitles = [r.subtitle for r in records if r.subtitle]
         unknown = unknown_words(tokenizer, subtitles)
         self.unknown_subtitle_words = dict(unknown.most_common())

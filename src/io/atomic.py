@@ -73,3 +73,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def atomic_create_text(path: str | Path, text: str) -> bool:
+    """Write ``text`` to ``path`` only if ``path`` does not exist, atomically; ``False`` when it
+    existed (another process may have created it first: the file is never replaced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # fails if path exists: an exclusive, complete create
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
