@@ -4,10 +4,12 @@ pooled, or ``(tokens, dim)`` for a sequence stream: patch tokens or audio frames
 the stream has ``sequence: true`` and its encoder ``tokens: N``).
 
 Resumable: a sample whose files all exist is skipped, so an interrupted run continues where it
-stopped; files are written atomically, so a killed run leaves no half-written ``.npy``. Clips are
-decoded in DataLoader workers and encoded in batches. With ``--on_error skip`` a clip that cannot
-be decoded (or an annotation row that cannot be read) is listed in the report CSV instead of
-stopping the run.
+stopped; files are written atomically, so a killed run leaves no half-written ``.npy``. Each
+feature folder records the encoder that wrote it (``encoder.json``: class, config, weight hash,
+decoding settings); a run with another encoder is refused instead of mixing two encoders'
+files. Clips are decoded in DataLoader workers and encoded in batches. With ``--on_error skip``
+a clip that cannot be decoded (or an annotation row that cannot be read) is listed in the report
+CSV instead of stopping the run.
 
     python -m src.cli extract --config conf/extract/mer2023.yaml
     python -m src.cli extract --clips clips/ --output store/ --config encoders.yaml
@@ -36,6 +38,7 @@ from src.data.components.feature_store import FeatureStore
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.components.skip_report import SkipReport
+from src.data.components.store_identity import claim_feature_folder, encoder_identity
 from src.data.formats.rows import FormatError, utf8_errors
 from src.io.atomic import atomic_open
 from src.models.online_features import encode_media
@@ -123,7 +126,8 @@ def extract_features(
         device: Device of the encoders.
         on_error: ``raise`` a :class:`MediaDecodeError` naming the file and field, or ``skip``
             the sample and list it in the result's report.
-        overwrite: Rewrite existing files instead of skipping them.
+        overwrite: Rewrite existing files instead of skipping them (same encoder only: a folder
+            recording another encoder is refused either way).
         progress: Show a progress bar (counts and clips/s).
         report: Report to add failures to (e.g. one that already holds annotation skips).
     """
@@ -132,6 +136,12 @@ def extract_features(
     if unknown:
         raise ValueError(f"encoders for unknown streams {unknown}; streams are {sorted(by_name)}")
     targets = [by_name[n] for n in encoders]
+    for stream in targets:
+        # Before any file is written: a store is never extended by another encoder.
+        encoder = encoders[stream.name]
+        where = {"pretrained": dict(getattr(encoder, "hparams", {}) or {}).get("pretrained")}
+        identity = encoder_identity(encoder, stream, loader.spec)
+        claim_feature_folder(Path(output) / stream.feature_dir, identity, where)
     result = ExtractResult(report=report if report is not None else SkipReport())
     seen: set[str] = set()
     todo: list[str] = []

@@ -19,9 +19,9 @@ from src.data.components.dataset import FeatureDataset, MediaDataset, task_targe
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
-from src.data.components.prompt import PromptBuilder
+from src.data.components.prompt import PromptBuilder, label_answer_ids
 from src.data.components.skip_report import SkipReport
-from src.data.components.tokenizer import load_tokenizer
+from src.data.components.tokenizer import load_tokenizer, unknown_words
 from src.data.formats.rows import FormatError
 
 TASKS: tuple[str, ...] = ("emotion", "reason")
@@ -95,6 +95,8 @@ class EmotionDataModule(L.LightningDataModule):
                 raise ValueError(f"tasks: {name!r}: {weight} (tasks are {TASKS}, weights >= 0)")
         #: Every sample dropped under ``on_error: skip`` (parsers, features, media, checks).
         self.skip_report = SkipReport()
+        #: Subtitle words the tokenizer does not know (they become ``<unk>``) -> occurrences.
+        self.unknown_subtitle_words: dict[str, int] = {}
         self.datasets: dict[str, FeatureDataset] = {}
         self._collator: EmotionCollator | None = None
 
@@ -160,6 +162,7 @@ class EmotionDataModule(L.LightningDataModule):
         if self.datasets:
             return
         records = self._check_records(self.load_records())
+        self._check_words(records)
         label_index = {w: i for i, w in enumerate(self.label_names)}
         loader = self.media_loader() if self.source == "media" else None
         if loader is None:
@@ -211,6 +214,25 @@ class EmotionDataModule(L.LightningDataModule):
             seen[r.name] = r.split
             kept.append(r)
         return kept
+
+    def _check_words(self, records: list[SampleRecord]) -> None:
+        """Refuse label words the tokenizer encodes alike (:class:`LabelCollisionError`); count
+        the subtitle words it maps to ``<unk>`` and warn (never silently)."""
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        label_answer_ids(tokenizer, self.label_names)
+        subtitles = [r.subtitle for r in records if r.subtitle]
+        unknown = unknown_words(tokenizer, subtitles)
+        self.unknown_subtitle_words = dict(unknown.most_common())
+        if unknown:
+            total = sum(len(text.split()) for text in subtitles)
+            shown = ", ".join(f"{w!r} x{n}" for w, n in unknown.most_common(20))
+            rank_zero_warn(
+                f"{self.__class__.__name__} at {self.root}: {unknown.total()} of {total} subtitle "
+                f"words ({len(unknown)} distinct) are unknown to the tokenizer "
+                f"{self.tokenizer_path} and become {tokenizer.unk_token}: {shown}"
+                + (" ..." if len(unknown) > 20 else "")
+                + " (logged as unknown_subtitle_words.csv)"
+            )
 
     def _load_features(
         self, records: list[SampleRecord]

@@ -12,10 +12,8 @@ saves through a temporary file in the target's folder renamed over the target, s
 the save leaves the previous checkpoint whole.
 """
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from fsspec.utils import get_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from src.core.errors import MissingInputError, UserError
+from src.io.atomic import atomic_open
 
 #: The checkpoint key holding the MLflow run id it was trained in (resume logs into that run).
 RUN_ID_KEY = "mlflow_run_id"
@@ -195,20 +194,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # A temporary file beside the target (same file system), renamed over it: readers and a
-        # resumed run see the previous checkpoint or the new one, never half of one.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # resumed run see the previous checkpoint or the new one, never half of one. Its mode
+        # follows the umask, as a plain open() would.
+        with atomic_open(path, "wb") as handle:
+            torch.save(checkpoint, handle)
 
 
 def use_safe_checkpoint_io(strategy: Any) -> None:

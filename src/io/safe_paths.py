@@ -40,8 +40,14 @@ def path_inside(folder: str | Path, file_name: str) -> tuple[Path, str | None]:
     reason = unsafe_name_reason(file_name)
     if reason is not None:
         return path, reason
-    if path.is_symlink() or path.exists():
-        real, real_folder = path.resolve(), folder.resolve()
-        if not real.is_relative_to(real_folder):
-            return path, f"resolves to {real}, outside {real_folder} (symlink out of the data root)"
+    try:
+        if path.is_symlink() or path.exists():
+            real, real_folder = path.resolve(), folder.resolve()
+            if not real.is_relative_to(real_folder):
+                return (
+                    path,
+                    f"resolves to {real}, outside {real_folder} (symlink out of the data root)",
+                )
+    except OSError as err:  # e.g. a name longer than the file system allows
+        return path, f"not usable as a file name ({err.strerror or err})"
     return path, None

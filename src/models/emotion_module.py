@@ -201,9 +201,14 @@ class EmotionLLMModule(L.LightningModule):
         metrics.set_bayes(bounds(split) if usable else None)
 
     def _log_skipped(self) -> None:
-        skipped = getattr(self.trainer.datamodule, "skipped", None)
+        data = self.trainer.datamodule
+        skipped = getattr(data, "skipped", None)
         if skipped:
             log_rows(self.trainer, list(skipped), "skipped_samples.csv")
+        unknown = getattr(data, "unknown_subtitle_words", None)
+        if unknown:
+            rows = [{"word": word, "count": count} for word, count in unknown.items()]
+            log_rows(self.trainer, rows, "unknown_subtitle_words.csv")
 
     def on_fit_end(self) -> None:
         for name, figure in self.adapter.figures().items():

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from src.core.modality import Modality
 from src.core.streams import StreamSpec
 from src.data.components.batch import EmotionBatch, left_aligned, with_continuations
-from src.data.components.prompt import encode_answer
+from src.data.components.prompt import label_answer_ids
 from src.models.label_scoring import AnswerTree, tree_inputs, tree_scores
 from src.models.modality_context import ModalityContext
 from src.models.projector import FeatureProjector
@@ -56,7 +56,8 @@ class MultimodalEmotionLLM(nn.Module):
                 for s in self.streams
             }
         )
-        self.label_answer_ids = [encode_answer(tokenizer, label) for label in self.labels]
+        # Refuses label words the tokenizer encodes alike (e.g. unknown words -> <unk>).
+        self.label_answer_ids = label_answer_ids(tokenizer, self.labels)
         self._answer_trees = {"cpu": AnswerTree.build(self.label_answer_ids)}
 
     # ----------------------------------------------------------------------------- embeddings

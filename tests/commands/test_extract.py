@@ -2,6 +2,7 @@
 broken clips (raise vs skip + report), and online encoders giving the store's predictions."""
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -297,7 +298,8 @@ def test_extract_from_a_clip_folder(workdir, capsys):
         "false",
     ]
     assert main(args) == 0
-    assert sorted(os.listdir(workdir / "out" / "HL-UTT")) == ["train_00.npy", "train_02.npy"]
+    written = sorted(os.listdir(workdir / "out" / "HL-UTT"))
+    assert written == ["encoder.json", "train_00.npy", "train_02.npy"]
     # neither --data nor --clips
     assert "exactly one of --data" in expect_user_error(capsys, ["extract", "--encoders", "{}"])
 
@@ -339,3 +341,56 @@ def test_extract_writes_sequence_features(workdir):
     pooled = encoders.replace(', "tokens": 4', "")
     args = [*base, "--encoders", pooled, "--progress", "false", "--overwrite", "true"]
     assert main(args) == 2
+
+
+def test_a_store_refuses_to_be_extended_by_another_encoder(workdir, capsys):
+    """A resumed or extended extract must use the encoder that wrote the folder: other weights
+    (same config), other decoding settings, or a folder of unknown provenance are refused,
+    naming the store and both identities, and nothing is written."""
+    write_mer2023(workdir / "d", n_train=4, n_test=0)
+    first, copy, other = (
+        save_encoders(workdir / f"enc{i}", seed=s) for i, s in enumerate([0, 0, 1])
+    )
+
+    def extract(dirs: dict, names: str, output: str = "out", *extra: str) -> int:
+        (workdir / "names.txt").write_text(names.replace(" ", "\n") + "\n")
+        encoders = (
+            '{"audio": {"class_path": "src.models.encoders.AudioEncoder", '
+            f'"init_args": {{"kind": "hubert", "pretrained": "{dirs["hubert"]}"}}}}}}'
+        )
+        streams = '[{"name": "audio", "feature_dir": "HL-UTT", "modality": "audio", "dim": 32}]'
+        return main(
+            ["extract", "--clips", "d/video", "--names", "names.txt", "--output", output]
+            + ["--streams", streams, "--encoders", encoders, "--progress", "false", *extra]
+        )
+
+    store = workdir / "out" / "HL-UTT"
+    assert extract(first, "train_00 train_01") == 0
+    record = json.loads((store / "encoder.json").read_text())
+    assert record["identity"]["encoder"] == "src.models.encoders.AudioEncoder"
+    assert record["pretrained"] == str(first["hubert"])  # where, not compared: the hash is
+    # The same weights from another folder extend the store.
+    assert extract(copy, "train_00 train_01 train_02") == 0
+    capsys.readouterr()
+    stamps = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+
+    refusals = [
+        ((other, "train_00 train_01 train_02 train_03"), "weights_sha256"),  # other weights
+        ((first, "train_03", "out", "--media.max_audio_seconds", "0.5"), "decoding"),
+    ]
+    for args, changed in refusals:
+        assert extract(*args) == 2
+        # One error line (transformers' weight-loading bar may come before it).
+        (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert err.startswith("extract: error: "), err
+        assert "out/HL-UTT/encoder.json" in err and f"differs in {changed}" in err, err
+        assert "recorded {" in err and "this run {" in err, err
+        assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
+
+    # Files of an unknown encoder (no record): extending them is refused too.
+    foreign = workdir / "foreign" / "HL-UTT"
+    foreign.mkdir(parents=True)
+    np.save(foreign / "train_00.npy", np.zeros(32, np.float32))
+    assert extract(first, "train_01", "foreign") == 2
+    assert "no record of the encoder" in capsys.readouterr().err
+    assert sorted(os.listdir(foreign)) == ["train_00.npy"]

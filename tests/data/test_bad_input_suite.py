@@ -25,8 +25,8 @@ from src.cli import main
 from src.core.label_space import MER2023
 from src.core.streams import StreamSpec
 from src.data.camer import manifest as camer
-from src.data.camer.datamodule import CAMERDataModule
-from src.data.camer.synthetic import SyntheticCAMERConfig
+from src.data.camer.datamodule import CAMERDataModule, SyntheticCAMERDataModule
+from src.data.camer.synthetic import SyntheticCAMERConfig, generate_synthetic_camer
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError, decode_audio
 from src.data.components.tokenizer import load_tokenizer
@@ -51,6 +51,20 @@ def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=allow_pickle)
     return buffer.getvalue()
+
+
+def npz_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=array)
+    return buffer.getvalue()
+
+
+def claimed_npy(shape: tuple[int, ...], descr: str = "<f4", data: bytes = b"\0" * 64) -> bytes:
+    """A .npy whose header claims ``shape`` (e.g. terabytes) but which holds only ``data``."""
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + data
 
 
 def ckpt_bytes(obj: Any) -> bytes:
@@ -118,6 +132,52 @@ CASES = [
     Case("feature", "bool dtype", FEATURE, npy_bytes(np.ones(4, bool)), feature, NPY, "dtype bool"),
     Case("feature", "2-d", FEATURE, npy_bytes(np.zeros((2, 4))), feature, NPY, "shape (2, 4)"),
     Case("feature", "scalar", FEATURE, npy_bytes(np.float32(1.0)), feature, NPY, "shape ()"),
+    Case(
+        "feature",
+        "float64 beyond float32",
+        FEATURE,
+        npy_bytes(np.array([1.0, 2.0, 1e300, 4.0])),
+        feature,
+        NPY,
+        "beyond the float32 range",
+    ),
+    Case(
+        "feature",
+        "complex",
+        FEATURE,
+        npy_bytes(np.arange(4) * (1 + 2j)),
+        feature,
+        NPY,
+        "is complex",
+    ),
+    Case("feature", "npz saved as npy", FEATURE, npz_bytes(np.zeros(4)), feature, NPY, ".npz"),
+    Case(
+        "feature",
+        "header claims terabytes",
+        FEATURE,
+        claimed_npy((2**40,)),
+        feature,
+        NPY,
+        f"shape ({2**40},)",
+    ),
+    Case(
+        "feature",
+        "header claims more data than the file has",
+        FEATURE,
+        claimed_npy((4,), "<f8", data=b"\0" * 8),
+        feature,
+        NPY,
+        "the header claims 32 data bytes, the file has 8",
+    ),
+    Case(
+        "feature",
+        "huge header",
+        FEATURE,
+        b"\x93NUMPY\x02\x00" + (10**6).to_bytes(4, "little") + b" " * 10**6,
+        feature,
+        NPY,
+        "not a readable .npy",
+    ),
     # ---- CA-MER manifest
     Case(
         "manifest",
@@ -391,7 +451,7 @@ def test_camer_data_module_skips_every_broken_feature_and_lists_it(tmp_path):
     streams = [STREAM.__class__(**{**STREAM.__dict__, "dim": 8})]
     root = tmp_path / "camer"
     config = SyntheticCAMERConfig(seed=0, n_train=10, n_val=4, n_test=6)
-    CAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
+    SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
     folder = root / "HL-UTT"
     broken = {
         "camer_000001": (GARBAGE, "not a readable .npy"),
@@ -403,10 +463,10 @@ def test_camer_data_module_skips_every_broken_feature_and_lists_it(tmp_path):
     for name, (content, _) in broken.items():
         (folder / f"{name}.npy").write_bytes(content)
     with pytest.raises(FeatureFileError) as info:
-        CAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
+        SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
     assert str(folder / "camer_000001.npy") in str(info.value)
 
-    module = CAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
+    module = SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
     module.setup("fit")
     listed = {row["name"]: row for row in module.skipped}
     assert set(listed) == set(broken)
@@ -443,6 +503,50 @@ def test_camer_subtitles_honour_on_error(tmp_path):
     assert listed == {("name", n + 1), ("<row>", n + 2)}
     kept = {r.name for split in module.datasets.values() for r in split.records}
     assert len(kept) == 20  # a bad subtitle row drops no sample
+
+
+def test_feature_holes_raise_one_error_type_or_are_skipped_and_listed(tmp_path):
+    """Values beyond float32, complex arrays, an .npz saved as .npy, a header claiming terabytes
+    and a name too long for the file system: one error type naming file and field, and with
+    ``on_error: skip`` one skip-report row each (never a MemoryError or OSError)."""
+    streams = [STREAM.__class__(**{**STREAM.__dict__, "dim": 8})]
+    root = generate_synthetic_camer(
+        tmp_path / "camer", streams, SyntheticCAMERConfig(seed=0, n_train=10, n_val=4, n_test=6)
+    )
+    folder = root / "HL-UTT"
+    broken = {
+        "camer_000001": (npy_bytes(np.full(8, 1e300)), "beyond the float32 range"),
+        "camer_000002": (npy_bytes(np.ones(8, np.complex64)), "is complex"),
+        "camer_000003": (npz_bytes(np.zeros(8, np.float32)), ".npz"),
+        "camer_000004": (claimed_npy((2**40,)), f"shape ({2**40},)"),
+    }
+    for name, (content, _) in broken.items():
+        (folder / f"{name}.npy").write_bytes(content)
+    long_name = "x" * 300  # a valid sample name no file system can store
+    with (root / "manifest.csv").open("a", encoding="utf-8") as handle:
+        handle.write(f"{long_name},train,consistent,happy,happy,happy\n")
+
+    for name, (_, words) in broken.items():
+        with pytest.raises(FeatureFileError) as info:
+            FeatureStore(root, streams).load_stream(streams[0], name)
+        assert info.value.path == folder / f"{name}.npy" and info.value.field == "feature 'audio'"
+        assert str(folder / f"{name}.npy") in str(info.value) and words in str(info.value)
+    with pytest.raises(FeatureFileError) as info:
+        FeatureStore(root, streams).load(long_name)
+    assert info.value.field == "name" and long_name in str(info.value.path)
+    with pytest.raises(FeatureFileError):
+        CAMERDataModule(str(root), streams=streams).setup("fit")
+
+    module = CAMERDataModule(str(root), streams=streams, on_error="skip")
+    module.setup("fit")
+    listed = {row["name"]: row for row in module.skipped}
+    assert set(listed) == {*broken, long_name}
+    for name, (_, words) in broken.items():
+        assert listed[name]["file"] == str(folder / f"{name}.npy"), listed[name]
+        assert listed[name]["field"] == "feature 'audio'" and words in listed[name]["reason"]
+    assert listed[long_name]["field"] == "name" and "too long" in listed[long_name]["reason"]
+    kept = {r.name for split in module.datasets.values() for r in split.records}
+    assert len(kept) == 20 - len(broken) and not kept & set(listed)
 
 
 # ----------------------------------------------------------------------- other entry points

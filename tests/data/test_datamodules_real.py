@@ -110,6 +110,29 @@ def test_val_carving_is_deterministic_stratified_and_order_free():
         carve_split(records[:1], 0.5)
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.35])
+def test_val_carving_keeps_each_label_proportion_within_one_sample(fraction):
+    # Imbalanced as real data: the rare label must keep its share (an equal count per label
+    # once moved 40 of 47 `surprise` samples into validation).
+    sizes = {"neutral": 400, "happy": 250, "sad": 120, "angry": 90, "worried": 60, "surprise": 47}
+    sizes["fear"] = 1  # a single sample stays in training while another label can give one
+    records = [
+        SampleRecord(f"{label}_{i:03d}", "train", label)
+        for label, n in sizes.items()
+        for i in range(n)
+    ]
+    carved = carve_split(records, fraction, seed=3)
+    val = Counter(r.label for r in carved if r.split == "val")
+    total = sum(sizes.values())
+    count = round(fraction * total)
+    assert sum(val.values()) == count
+    for label, n in sizes.items():
+        share = count * n / total  # the label's proportional part of the carved records
+        assert abs(val[label] - share) < 1, (label, val[label], share)
+        assert val[label] < n  # every label keeps training samples
+    assert Counter(r.label for r in carved) == sizes  # nothing lost or relabelled
+
+
 # --------------------------------------------------------------------------------------- DFEW
 
 

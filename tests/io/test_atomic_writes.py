@@ -2,7 +2,9 @@
 replaced atomically: a crash, even SIGKILL, leaves either the old file or the new one."""
 
 import csv
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from src.core.streams import StreamSpec
 from src.data.camer import synthetic as synthetic_camer
 from src.data.camer.manifest import write_manifest
 from src.data.components.skip_report import SkipReport
+from src.evaluation.prediction_writer import merge_part_files
 from src.io.atomic import atomic_open, atomic_write_text
 from src.io.checkpoint_io import SafeCheckpointIO, load_checkpoint_safely
 from tests.conftest import REPO
@@ -133,3 +136,33 @@ def test_synthetic_generator_crash_leaves_no_half_data_set(tmp_path, monkeypatch
         if path.is_file():
             assert (root / path.relative_to(clean)).read_bytes() == path.read_bytes(), path
     assert leftovers(root) == [] and leftovers(root / "HL-UTT") == []
+
+
+def file_modes(folder) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.endswith(".lock")  # filelock's own lock files
+    }
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_written_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path, umask):
+    streams = [StreamSpec(name="audio", feature_dir="HL-UTT", modality="audio", dim=8, tokens=1)]
+    config = synthetic_camer.SyntheticCAMERConfig(seed=1, n_train=6, n_val=3, n_test=6)
+    previous = os.umask(umask)
+    try:
+        # A data set (manifest, labels, subtitles, feature files, tokenizer), a checkpoint, a
+        # skip report, a predictions file: everything a group sharing a folder has to read.
+        synthetic_camer.generate_synthetic_camer(tmp_path / "data", streams, config)
+        SafeCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "ckpt" / "last.ckpt")
+        SkipReport().write_csv(tmp_path / "skipped.csv")
+        merge_part_files([], tmp_path / "predictions.csv", ["name"])
+        atomic_write_text(tmp_path / "shared.txt", "old\n")
+        os.chmod(tmp_path / "shared.txt", 0o640)
+        atomic_write_text(tmp_path / "shared.txt", "new\n")  # replaced: keeps the owner's 0640
+    finally:
+        os.umask(previous)
+    modes = file_modes(tmp_path)
+    assert modes.pop("shared.txt") == oct(0o640)
+    assert len(modes) > 20 and set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -15,7 +15,7 @@ from src.core.label_space import MER2023
 from src.core.records import SampleRecord
 from src.core.streams import StreamSpec
 from src.data.camer import manifest as camer
-from src.data.camer.datamodule import CAMERDataModule
+from src.data.camer.datamodule import SyntheticCAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError, find_clip
@@ -289,7 +289,9 @@ def test_data_module_skips_and_reports_a_feature_symlinked_out_of_the_root(tmp_p
     streams = [StreamSpec(name="audio", feature_dir="HL-UTT", modality="audio", dim=8, tokens=1)]
     synthetic = SyntheticCAMERConfig(seed=0, n_train=8, n_val=4, n_test=6)
     root = tmp_path / "camer"
-    module = CAMERDataModule(str(root), streams=streams, synthetic=synthetic, on_error="skip")
+    module = SyntheticCAMERDataModule(
+        str(root), streams=streams, synthetic=synthetic, on_error="skip"
+    )
     victim = root / "HL-UTT" / "camer_000000.npy"
     outside = tmp_path / "outside.npy"
     victim.rename(outside)

@@ -13,7 +13,7 @@ import torch
 
 from src.core.modality import Modality
 from src.core.streams import StreamSpec
-from src.data.camer.datamodule import CAMERDataModule
+from src.data.camer.datamodule import SyntheticCAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig
 from src.models.adapters.lora import LoRAAdapter
 from src.models.adapters.mose_adapter import MoSEAdapter
@@ -38,7 +38,7 @@ TINY_LLAMA = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[EmotionLLMModule, dict]:
     root = tmp_path_factory.mktemp("camer")
-    data = CAMERDataModule(
+    data = SyntheticCAMERDataModule(
         str(root),
         streams=STREAMS,
         batch_size=5,

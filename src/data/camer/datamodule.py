@@ -1,4 +1,9 @@
-"""CA-MER as a LightningDataModule: the manifest, its features and subtitles (real or synthetic)."""
+"""CA-MER as a LightningDataModule: the manifest, its features and subtitles.
+
+Two classes, so that a real-data config can never inherit generator settings: composing
+``--data conf/data/camer_real.yaml`` over the demo changes the class, and jsonargparse drops the
+init args the new class does not have (``synthetic``).
+"""
 
 import json
 from dataclasses import replace
@@ -20,8 +25,6 @@ class CAMERDataModule(EmotionDataModule):
         manifest: Manifest file name under ``root``.
         subtitles: Subtitle CSV under ``root`` (``name,english`` or ``name,chinese,english``).
         subtitle_column: Which subtitle column to use (``english``, ``chinese``, ``sentence``).
-        synthetic: When given, ``root`` is filled with the synthetic CA-MER made with these
-            settings (once; later runs reuse it).
         val_fraction: When the manifest has no ``val`` split: the fraction of the test split
             carved into one, within each subset (:func:`~src.data.components.splits.carve_split`,
             stratified by label), so that validation mirrors the test's subset mix; the carved
@@ -37,7 +40,6 @@ class CAMERDataModule(EmotionDataModule):
         manifest: str = "manifest.csv",
         subtitles: str = "transcription.csv",
         subtitle_column: str = "english",
-        synthetic: SyntheticCAMERConfig | None = None,
         val_fraction: float = 0.2,
         split_seed: int = 0,
         **kwargs: Any,
@@ -46,13 +48,9 @@ class CAMERDataModule(EmotionDataModule):
         self.manifest = manifest
         self.subtitles = subtitles
         self.subtitle_column = subtitle_column
-        self.synthetic = synthetic
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        if synthetic is not None:
-            # Generated at construction: the model needs the tokenizer before setup() runs.
-            ensure_synthetic_camer(self.root, self.streams, synthetic)
 
     def load_records(self) -> list[SampleRecord]:
         records = read_manifest(self.root / self.manifest, self.label_space, **self.parse_options)
@@ -75,11 +73,33 @@ class CAMERDataModule(EmotionDataModule):
                     carved[r.name] = r
         return [carved.get(r.name, r) for r in records]
 
+
+class SyntheticCAMERDataModule(CAMERDataModule):
+    """The synthetic CA-MER: generated into ``root`` on first use, then read as CA-MER is.
+
+    The generator writes only into an empty folder or one it made
+    (:func:`~src.data.camer.synthetic.claim_folder`); a folder holding other files is refused
+    with :class:`~src.data.camer.synthetic.ForeignDataError`, and nothing is written there.
+
+    Args:
+        root: Folder of the generated data set.
+        synthetic: Generator settings (default: :class:`SyntheticCAMERConfig`'s defaults).
+        **kwargs: :class:`CAMERDataModule` options (``streams``, ``batch_size``, ...).
+    """
+
+    def __init__(
+        self, root: str, synthetic: SyntheticCAMERConfig | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(root, **kwargs)
+        self.synthetic = synthetic or SyntheticCAMERConfig()
+        # Generated at construction: the model needs the tokenizer before setup() runs.
+        ensure_synthetic_camer(self.root, self.streams, self.synthetic)
+
     def bayes_bounds(self, split: str) -> dict[str, float] | None:
         """The synthetic world's Bayes bounds of ``split`` under its own subset mix
-        (``bayes.json``, written by the generator); ``None`` for real data."""
+        (``bayes.json``, written by the generator); ``None`` without that file."""
         path = self.root / BAYES_FILE
-        if self.synthetic is None or not path.is_file():
+        if not path.is_file():
             return None
         entry = json.loads(path.read_text()).get("splits", {}).get(split)
         if entry is None:

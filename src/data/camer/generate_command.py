@@ -1,5 +1,10 @@
-"""``python -m src.cli generate-camer``: write the synthetic CA-MER data set to a folder."""
+"""``python -m src.cli generate-camer``: write the synthetic CA-MER data set to a folder.
 
+The folder must be empty or one the generator made; a folder holding other files (a real data
+set) is refused with exit 2 and nothing is written there.
+"""
+
+import sys
 from dataclasses import asdict
 
 from jsonargparse import ArgumentParser
@@ -25,6 +30,10 @@ def main(argv: list[str]) -> int:
     parser.add_class_arguments(SyntheticCAMERConfig, "synthetic")
     cfg = parser.parse_args(argv)
     init = parser.instantiate_classes(cfg)
-    root = ensure_synthetic_camer(init.root, init.streams, init.synthetic)
+    try:
+        root = ensure_synthetic_camer(init.root, init.streams, init.synthetic)
+    except FileExistsError as err:  # a foreign folder, or one made with other settings
+        print(f"generate-camer: error: {err}", file=sys.stderr)
+        return 2
     print(f"synthetic CA-MER in {root} ({asdict(init.synthetic)})")
     return 0

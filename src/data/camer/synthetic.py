@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from src.core.errors import UserError
 from src.core.label_space import MER2023
 from src.core.records import SampleRecord
 from src.core.streams import StreamSpec
 from src.data.camer.bayes import bayes_bounds
 from src.data.camer.manifest import write_manifest
 from src.data.components.tokenizer import build_word_tokenizer
-from src.io.atomic import atomic_open
+from src.io.atomic import atomic_open, atomic_write_text
 
 # 2: val mirrors the test's subset mix, worlds (sequence streams, distractors, scene, scales,
 # training prior), bayes.json.
@@ -45,6 +46,43 @@ DONE_MARKER = "generator.json"
 BAYES_FILE = "bayes.json"
 #: Scene directions (outside the label subspace) of a sequence stream.
 SCENE_DIMS = 8
+#: Written first, into an empty folder: the folder is the generator's, it may write there.
+OWNER_MARKER = ".synthetic_camer_owner"
+LOCK_NAME = ".generate.lock"
+
+
+class ForeignDataError(UserError, FileExistsError):
+    """The generator was pointed at a folder holding files it did not write (real data?)."""
+
+    def __init__(self, root: Path, files: list[str]) -> None:
+        shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+        super().__init__(
+            f"{root}: root: holds files the synthetic generator did not write ({shown}); "
+            "it writes only into an empty folder or one it made. For real data use a data "
+            "module without `synthetic` settings (e.g. conf/data/camer_real.yaml); for the "
+            "synthetic set choose an empty data.root"
+        )
+        self.root, self.files = root, files
+
+
+def _foreign_files(root: Path) -> list[str]:
+    """Entries of ``root`` the generator may not write over: all of them, unless ``root`` is
+    empty (our lock file aside) or holds the generator's marker."""
+    if (root / OWNER_MARKER).is_file():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME)
+
+
+def claim_folder(root: Path) -> None:
+    """Mark ``root`` as the generator's; raises :class:`ForeignDataError` (writing nothing) when
+    it holds files the generator did not write."""
+    foreign = _foreign_files(root)
+    if foreign:
+        raise ForeignDataError(root, foreign)
+    if not (root / OWNER_MARKER).is_file():
+        marker = {"written_by": "src.data.camer.synthetic", "version": GENERATOR_VERSION}
+        atomic_write_text(root / OWNER_MARKER, json.dumps(marker, sort_keys=True) + "\n")
+
 
 # Words with no emotional content: subtitles carry no label information in the synthetic set.
 SUBTITLE_WORDS: tuple[str, ...] = tuple(
@@ -268,10 +306,12 @@ def generate_synthetic_camer(
     ``transcription.csv`` (``name,english``), one folder per stream of ``<name>.npy`` float32
     arrays (``stream.shape``), ``tokenizer/``, ``bayes.json`` (the Bayes bounds of the val and
     test files, :func:`~src.data.camer.bayes.bayes_bounds`) and ``generator.json`` (the
-    config; written last, marks completion).
+    config; written last, marks completion). ``root`` must be empty or already the
+    generator's (:func:`claim_folder`): files of others are never replaced.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    claim_folder(root)
     world, rng = build_world(streams, config)
     labels = [w.lower() for w in config.labels]
     k = len(labels)
@@ -374,7 +414,9 @@ def ensure_synthetic_camer(
 ) -> Path:
     """Generate the data set unless ``root`` already holds one made with the same settings.
 
-    A file lock makes this safe when several processes (DDP ranks) start at once.
+    A file lock makes this safe when several processes (DDP ranks) start at once. A folder
+    holding files the generator did not write is refused before anything (the lock file
+    included) is written there.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -383,8 +425,12 @@ def ensure_synthetic_camer(
         "config": asdict(config),
         "streams": [asdict(s) for s in streams],
     }
-    with FileLock(str(root / ".generate.lock")):
-        marker = root / DONE_MARKER
+    marker = root / DONE_MARKER
+    if not marker.is_file():
+        foreign = _foreign_files(root)
+        if foreign:
+            raise ForeignDataError(root, foreign)
+    with FileLock(str(root / LOCK_NAME)):
         if marker.is_file():
             existing = json.loads(marker.read_text())
             if json.loads(json.dumps(wanted)) == existing:

@@ -5,11 +5,14 @@ The template is text with placeholders: ``{<stream name>}`` for each stream's fe
 placeholder becomes ``stream.tokens`` positions whose embeddings the model's projectors fill.
 """
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from string import Formatter
 
 from transformers import PreTrainedTokenizerBase
 
+from src.core.errors import InvalidInputError
 from src.core.modality import Modality
 from src.core.streams import StreamSpec
 
@@ -57,6 +60,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.streams = list(streams)
         self.labels = list(labels)
+        label_answer_ids(tokenizer, self.labels)  # refuses labels the tokenizer cannot tell apart
         self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
         self._stream_index = {s.name: i for i, s in enumerate(self.streams)}
         for task, template in self.templates.items():
@@ -112,3 +116,32 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     if not ids:
         raise ValueError("an answer must not be empty")
     return ids + [tokenizer.eos_token_id]
+
+
+class LabelCollisionError(InvalidInputError):
+    """Two or more label words encode to the same answer token ids: closed-set scoring would
+    give them the same score and could never tell them apart."""
+
+
+def label_answer_ids(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -> list[list[int]]:
+    """The answer token ids of every label word; raises :class:`LabelCollisionError` naming the
+    tokenizer and the words when some encode alike (e.g. words unknown to it become ``<unk>``).
+    """
+    ids = [encode_answer(tokenizer, label) for label in labels]
+    alike: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for label, answer in zip(labels, ids, strict=True):
+        alike[tuple(answer)].append(label)
+    clashes = [(answer, words) for answer, words in alike.items() if len(words) > 1]
+    if clashes:
+        where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        details = "; ".join(
+            f"{', '.join(repr(w) for w in words)} all encode to {list(answer)} "
+            f"({' '.join(tokenizer.convert_ids_to_tokens(list(answer)))})"
+            for answer, words in clashes
+        )
+        raise LabelCollisionError(
+            f"tokenizer {where}: labels: {details}; closed-set scoring cannot tell these labels "
+            "apart. Use the backbone's own tokenizer, one whose vocabulary has these words, or "
+            "other label words (data.label_space)"
+        )
+    return ids

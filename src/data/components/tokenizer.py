@@ -6,6 +6,7 @@ word-level tokenizer on its own vocabulary (prompt template, subtitles, label wo
 their local directory. Nothing is downloaded.
 """
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -59,3 +60,18 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def unknown_words(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> Counter[str]:
+    """How often each whitespace-separated word of ``texts`` encodes to the unknown token.
+
+    Empty for tokenizers without an unknown token or that never use it (byte-level BPE,
+    SentencePiece with byte fallback).
+    """
+    unk = tokenizer.unk_token_id
+    counts = Counter(word for text in texts for word in text.split())
+    if unk is None or not counts:
+        return Counter()
+    words = list(counts)
+    encoded = tokenizer(words, add_special_tokens=False)["input_ids"]
+    return Counter({w: counts[w] for w, ids in zip(words, encoded, strict=True) if unk in ids})

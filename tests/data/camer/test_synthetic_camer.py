@@ -107,3 +107,89 @@ def test_existing_root_is_reused_and_other_settings_refused(tmp_path):
 def test_bad_knobs_are_refused():
     with pytest.raises(ValueError, match="conflict_strength"):
         SyntheticCAMERConfig(conflict_strength=1.5)
+
+
+def write_real_data_set(root: Path) -> dict[str, tuple[bytes, int]]:
+    """A small data set in the real layout (not made by the generator); returns a snapshot."""
+    names = ["sample_00000669", "sample_00000671", "sample_00000710"]
+    (root / "HL-UTT").mkdir(parents=True)
+    (root / "manifest.csv").write_text(
+        "name,split,subset,label,video_label,audio_label\n"
+        + "".join(f"{n},test,consistent,happy,happy,happy\n" for n in names)
+    )
+    (root / "label.csv").write_text(
+        "name,discrete,valence\n" + "".join(f"{n},happy,2\n" for n in names)
+    )
+    (root / "transcription.csv").write_text("name,english\n" + "".join(f"{n},hi\n" for n in names))
+    for n in names:
+        np.save(root / "HL-UTT" / f"{n}.npy", np.ones(12, np.float32))
+    return snapshot(root)
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_generator_never_writes_into_a_folder_of_files_it_did_not_write(tmp_path, capsys):
+    from src.cli import main
+    from src.data.camer.datamodule import SyntheticCAMERDataModule
+    from src.data.camer.synthetic import OWNER_MARKER, ForeignDataError
+
+    real = tmp_path / "CA-MER"
+    before = write_real_data_set(real)
+    for generate in (ensure_synthetic_camer, generate_synthetic_camer):
+        with pytest.raises(ForeignDataError) as info:
+            generate(real, STREAMS, SMALL)
+        message = str(info.value)
+        assert str(real) in message and "manifest.csv" in message and "label.csv" in message
+    with pytest.raises(ForeignDataError):
+        SyntheticCAMERDataModule(str(real), streams=STREAMS, synthetic=SMALL)
+    assert main(["generate-camer", "--root", str(real), "--synthetic.n_train", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("generate-camer: error: ") and str(real) in err and "\n" not in err
+    # Not one byte changed, nothing added (not even a lock file or the ownership marker).
+    assert snapshot(real) == before and sorted(p.name for p in real.iterdir()) == [
+        "HL-UTT",
+        "label.csv",
+        "manifest.csv",
+        "transcription.csv",
+    ]
+    # An empty folder becomes the generator's; its own folder is reused as before.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ensure_synthetic_camer(empty, STREAMS, SMALL)
+    assert (empty / OWNER_MARKER).is_file() and (empty / "manifest.csv").is_file()
+    ensure_synthetic_camer(empty, STREAMS, SMALL)
+
+
+def test_a_real_data_config_composed_over_the_demo_inherits_no_generator_settings(workdir, capsys):
+    """The way experiments/paper_tables.py composes: the demo config, then `--data` with the
+    real CA-MER config. The data block must lose the demo's `synthetic:` settings."""
+    import yaml
+
+    from src.cli import main
+    from tests.conftest import REPO
+
+    real = workdir / "CA-MER"
+    before = write_real_data_set(real)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "conf/default.yaml"),
+                "--data",
+                str(REPO / "conf/data/camer_real.yaml"),
+                "--data.init_args.root",
+                str(real),
+                "--print_config",
+            ]
+        )
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["class_path"] == "src.data.camer.datamodule.CAMERDataModule"
+    assert "synthetic" not in data["init_args"] and data["init_args"]["root"] == str(real)
+    assert snapshot(real) == before
