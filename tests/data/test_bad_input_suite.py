@@ -484,18 +484,18 @@ def test_camer_subtitles_honour_on_error(tmp_path):
     streams = [STREAM.__class__(**{**STREAM.__dict__, "dim": 8})]
     root = tmp_path / "camer"
     config = SyntheticCAMERConfig(seed=0, n_train=10, n_val=4, n_test=6)
-    CAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
+    SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config)  # writes the data set
     subtitle_csv = root / "transcription.csv"
     lines = subtitle_csv.read_text(encoding="utf-8").splitlines()
     n = len(lines)
     lines += ["camer_000001,said twice", "camer_000002,one,too many"]
     subtitle_csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(FormatError) as info:
-        CAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
+        SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config).setup("fit")
     assert info.value.file == str(subtitle_csv) and info.value.field == "name"
     assert info.value.line == n + 1
 
-    module = CAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
+    module = SyntheticCAMERDataModule(str(root), streams=streams, synthetic=config, on_error="skip")
     module.setup("fit")
     listed = {
         (row["field"], row["line"]) for row in module.skipped if row["file"] == str(subtitle_csv)

@@ -17,7 +17,8 @@ from src.data.camer.datamodule import SyntheticCAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig
 from src.models.adapters.lora import LoRAAdapter
 from src.models.adapters.mose_adapter import MoSEAdapter
-from src.models.attention import Reallocator, reallocated
+from src.models.attention import reallocated
+from src.models.attention.strategies import build_reallocator
 from src.models.emotion_module import EmotionLLMModule
 from src.models.label_scoring import AnswerTree
 
@@ -247,10 +248,10 @@ def test_scores_with_attention_reallocation_installed(setup, settings):
     heads = llm.backbone.config.num_attention_heads
     with torch.no_grad():
         plain = llm.score_labels(batch)
-    old_ar = Reallocator(**settings).bind(llm.modality_context, layers)
+    old_ar = build_reallocator(**settings).bind(llm.modality_context, layers)
     with reallocated(llm.backbone, old_ar), torch.no_grad():
         old = llm.score_labels_repeated(batch)
-    new_ar = Reallocator(**settings).bind(llm.modality_context, layers)
+    new_ar = build_reallocator(**settings).bind(llm.modality_context, layers)
     with reallocated(llm.backbone, new_ar), torch.no_grad():
         new = llm.score_labels(batch, drop_modalities=())
     torch.testing.assert_close(new, old, rtol=0, atol=2e-5)
