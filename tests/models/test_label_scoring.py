@@ -231,12 +231,26 @@ def test_mose_routes_answer_tokens_as_text(setup, text_mode):
         assert not torch.allclose(changed, base.model.score_labels(batch), atol=1e-4)
 
 
+# Parity of the AR path, not a recommended setting: the fixed targets raise audio's share on
+# purpose (only_away off), so that AR changes the scores.
 AR_SETTINGS = [
     {"mode": "span_mass", "target": "proportional", "query_rows": "text"},
-    {"mode": "span_mass", "target": "fixed", "audio_share": 0.8, "query_rows": "all"},
+    {
+        "mode": "span_mass",
+        "target": "fixed",
+        "audio_share": 0.8,
+        "query_rows": "all",
+        "only_away": False,
+    },
     {"mode": "reweight", "multipliers": {"audio": 3.0, "visual": 0.5}, "query_rows": "text"},
     {"mode": "logit_scale", "alpha": 0.5, "query_rows": "text"},
-    {"mode": "span_mass", "target": "fixed", "audio_share": 0.9, "query_rows": "last"},
+    {
+        "mode": "span_mass",
+        "target": "fixed",
+        "audio_share": 0.9,
+        "query_rows": "last",
+        "only_away": False,
+    },
 ]
 
 
