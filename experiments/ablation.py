@@ -7,10 +7,12 @@ validation); ``lora_ar`` and ``mosear`` are test-only runs of the LoRA and MoSE 
 AR calibrated on the validation split. Fits run in parallel subprocesses (``--jobs``), each with
 ``OMP_NUM_THREADS=1``; a finished run leaves ``result.json`` in its folder and is skipped on the
 next call, so an interrupted ablation resumes. The first run of a world runs alone, so that the
-world's synthetic data set is generated once. Every run is an MLflow run tagged ``world``,
-``method`` and ``seed``; the script ends with mean ± std over seeds of per-subset accuracy, gap,
-excess gap and overall accuracy (``ablation.md``, ``ablation.csv``, ``ablation.png``, also logged
-to MLflow as the run ``ablation-summary``) and a ``compare`` per world.
+world's synthetic data set is generated once. Every run is an MLflow run tagged ``world`` (by
+this script) and, by the CLI itself, ``method`` (``LoRA``, ``LoRA+AR``, ``MoSE``, ``MoSEAR``,
+``LoRA+dropout``, ``LoRA+OGM-GE``), ``seed`` and, for a test-only run, ``source_run``; the
+script ends with mean ± std over seeds of per-subset accuracy, gap, excess gap and overall
+accuracy (``ablation.md``, ``ablation.csv``, ``ablation.png``, also logged to MLflow as the run
+``ablation-summary``) and a ``compare`` per world.
 
     python experiments/ablation.py                                  # every world, 3 seeds
     python experiments/ablation.py --worlds token_imbalance --seeds 0 --epochs 2 --jobs 2
@@ -33,14 +35,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WORLDS = ("null", "information", "token_imbalance", "prior", "optimisation")
-#: method -> (experiment config, the fit it tests, or None for a fit)
-METHODS: dict[str, tuple[str, str | None]] = {
-    "lora": ("conf/experiment/lora.yaml", None),
-    "lora_ar": ("conf/experiment/lora_ar.yaml", "lora"),
-    "mose": ("conf/experiment/mose.yaml", None),
-    "mosear": ("conf/experiment/mosear.yaml", "mose"),
-    "dropout": ("conf/experiment/lora_dropout.yaml", None),
-    "ogm_ge": ("conf/experiment/lora_ogm_ge.yaml", None),
+#: method -> (experiment config, the fit it tests or None for a fit, the ``method`` tag the CLI
+#: derives from that config: src/tracking/run_metadata.py)
+METHODS: dict[str, tuple[str, str | None, str]] = {
+    "lora": ("conf/experiment/lora.yaml", None, "LoRA"),
+    "lora_ar": ("conf/experiment/lora_ar.yaml", "lora", "LoRA+AR"),
+    "mose": ("conf/experiment/mose.yaml", None, "MoSE"),
+    "mosear": ("conf/experiment/mosear.yaml", "mose", "MoSEAR"),
+    "dropout": ("conf/experiment/lora_dropout.yaml", None, "LoRA+dropout"),
+    "ogm_ge": ("conf/experiment/lora_ogm_ge.yaml", None, "LoRA+OGM-GE"),
 }
 SUBSETS = ("video_aligned", "audio_aligned", "consistent")
 #: Reported columns: metric key -> table heading.
@@ -60,6 +63,11 @@ class Job:
     folder: Path
     depends: "Job | None" = None
     command: list[str] = field(default_factory=list)
+
+    @property
+    def tag(self) -> str:
+        """The ``method`` tag the CLI puts on this job's MLflow run."""
+        return METHODS[self.method][2]
 
     @property
     def key(self) -> str:
@@ -96,10 +104,11 @@ def plan(args: argparse.Namespace) -> list[Job]:
         data = str(world_config(world))
         for seed in args.seeds:
             for method in order:
-                config, fit_of = METHODS[method]
+                config, fit_of, _ = METHODS[method]
                 folder = Path(args.output).resolve() / "runs" / name / method / f"seed{seed}"
                 job = Job(name, method, seed, folder)
-                tags = f"{{world: {name}, method: {method}, seed: '{seed}'}}"
+                # `method` and `seed` are the CLI's own tags (derived from the config).
+                tags = f"{{world: {name}}}"
                 common = [
                     "--config", str(REPO / config), "--data", data,
                     "--seed_everything", str(seed),
@@ -141,7 +150,7 @@ def run_job(job: Job, env: dict[str, str], tracking_uri: str, experiment: str) -
     if code != 0:
         raise RuntimeError(f"{job.key} failed (exit {code}); see {job.folder / 'log.txt'}")
     metrics = run_metrics(tracking_uri, experiment, job)
-    result = {"world": job.world, "method": job.method, "seed": job.seed, "metrics": metrics}
+    result = {"world": job.world, "method": job.tag, "seed": job.seed, "metrics": metrics}
     if job.depends is None:
         result["checkpoint"] = str(best_checkpoint(job.folder))
     tmp = job.folder / "result.json.tmp"
@@ -160,7 +169,7 @@ def run_metrics(tracking_uri: str, experiment: str, job: Job) -> dict[str, float
     runs = client.search_runs(
         [found.experiment_id],
         filter_string=(
-            f"tags.world = '{job.world}' and tags.method = '{job.method}' "
+            f"tags.world = '{job.world}' and tags.method = '{job.tag}' "
             f"and tags.seed = '{job.seed}' and attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.start_time DESC"],
@@ -228,7 +237,7 @@ def summarise(jobs: list[Job]) -> list[dict]:
     for job in jobs:
         if job.done:
             result = json.loads((job.folder / "result.json").read_text())
-            groups.setdefault((job.world, job.method), []).append(result["metrics"])
+            groups.setdefault((job.world, job.tag), []).append(result["metrics"])
     rows = []
     for (world, method), runs in groups.items():
         row = {"world": world, "method": method, "n": len(runs)}

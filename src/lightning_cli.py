@@ -6,6 +6,7 @@ imports this module only when a Lightning subcommand runs.
 """
 
 import importlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from src.callbacks.preemption import CheckpointOnSigterm
+from src.callbacks.results_table import deferred_results_tables, print_results_tables
 from src.cli import LIGHTNING_SUBCOMMANDS
 from src.core.errors import (
     STRICT_PARSER,
     UntrainedModelError,
 )
+from src.evaluation.default_predictions import add_default_prediction_writer, log_predictions
 from src.io.checkpoint_hparams import plain_checkpoint_hparams
 from src.io.checkpoint_io import (
     check_checkpoint_fits,
@@ -26,8 +29,10 @@ from src.io.checkpoint_io import (
     use_safe_checkpoint_io,
 )
 from src.models.adapters.base import Adapter
-from src.tracking.config_artifact import LogConfigToMLflow
+from src.tracking.config_artifact import LogConfigToMLflow, logged_config_text
 from src.tracking.mlflow_logger import check_logger_config
+from src.tracking.model_logging import best_checkpoint, log_best_checkpoint
+from src.tracking.model_uri import fetch_mlflow_checkpoint
 from src.tracking.resume import (
     RunIdentity,
     config_identity,
@@ -35,6 +40,8 @@ from src.tracking.resume import (
     resolve_config_checkpoint,
     resume_logging,
 )
+from src.tracking.run_console import LIBRARY_LOGGERS, announce
+from src.tracking.run_metadata import describe_run
 
 # Values of Any-typed arguments are never built as classes, and values may not name modules
 # that run commands or import code (jsonargparse's denylist, enforced); our own init arguments
@@ -43,6 +50,8 @@ set_parsing_settings(instantiate_subclass_spec_in_any=False, import_path_denylis
 
 # The frozen backbone stays in eval mode on purpose (no dropout in frozen weights).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+# Lightning's pytree helper against torch >= 2.10: a library-internal deprecation, not ours.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 #: Model arguments the data module links in (at instantiation): never taken from a checkpoint.
 LINKED_FROM_DATA = ("tokenizer", "labels", "streams")
@@ -92,9 +101,43 @@ class MoSEARCLI(LightningCLI):
             "trained (no --ckpt_path, or a fit of 0 steps); the run is tagged "
             "mosear.untrained=true.",
         )
+        parser.add_argument(
+            "--log_best_model",
+            type=bool,
+            default=True,
+            help="After fit, log the best checkpoint and an MLflow logged model to the run.",
+        )
+        parser.add_argument(
+            "--register_as",
+            type=str | None,
+            default=None,
+            help="After fit, register the logged model as a new version of this name.",
+        )
+        parser.add_argument(
+            "--predictions_folder",
+            type=str | None,
+            default=None,
+            help="predict without a prediction writer in the config: write a new predictions CSV "
+            "here (default <default_root_dir>/predictions).",
+        )
+        parser.add_argument(
+            "--lightning_verbose",
+            type=bool,
+            default=False,
+            help="Show Lightning's model summary, metric tables and info lines (off: the results "
+            "table is the last thing printed).",
+        )
+        parser.set_defaults({"trainer.enable_model_summary": False})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
+        settings = self.config.get(self.config.get("subcommand") or "") or {}
+        if not settings.get("lightning_verbose"):
+            for name in LIBRARY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        # `--ckpt_path runs:/...` or `models:/...`: downloaded into a cache folder first, then
+        # handled as a local file (weights-only). See src/tracking/model_uri.py.
+        self._ckpt_argument = fetch_mlflow_checkpoint(self.config)
         # Before anything is built: `--ckpt_path last` becomes the newest last.ckpt of this
         # experiment (same experiment name and config identity) under default_root_dir, and the
         # checkpoint is loaded weights-only (a crafted pickle is refused with a clear message).
@@ -138,6 +181,11 @@ class MoSEARCLI(LightningCLI):
         # An unreachable or locked tracking backend stops the run before data and model exist.
         if config.get("trainer") is not None:
             check_logger_config(config["trainer"].get("logger"))
+            # Lightning's model summary and metric table (test/validate `verbose`) only on demand.
+            if config.get("lightning_verbose"):
+                config["trainer"]["enable_model_summary"] = True
+            if "verbose" in config:
+                config["verbose"] = bool(config.get("lightning_verbose"))
 
     def _place_method(self, config: Namespace) -> None:
         """Put the method's adapter and callbacks where the model and trainer take them, so the
@@ -161,23 +209,61 @@ class MoSEARCLI(LightningCLI):
         # Checkpoints name the experiment identity (`--ckpt_path last` finds this experiment's)
         # and a SIGTERM (pre-emption) writes a resumable last.ckpt before the process exits.
         self.trainer.callbacks.extend([RunIdentity(self._identity), CheckpointOnSigterm()])
-        # A resumed fit logs into the MLflow run its checkpoint came from (never a finished one).
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            # Lightning's own "Restored all states" line is quiet by default: say it here.
+            state = load_checkpoint_safely(ckpt_path, mmap=True)
+            print(
+                f"Resuming from {ckpt_path} (epoch {state.get('epoch')}, global step "
+                f"{state.get('global_step')}); Lightning restores all states from it"
+            )
+        self._describe_run()
+        # A resumed fit logs into the MLflow run its checkpoint came from (never a finished one).
         resume_logging(self.trainer, self._checkpoint_run_id, ckpt_path)
 
     def before_validate(self) -> None:
         self._prepare_checkpoint_loading()
+        self._describe_run()
         resume_logging(self.trainer, None)
 
     def before_test(self) -> None:
         self._prepare_checkpoint_loading()
+        self._describe_run()
         resume_logging(self.trainer, None)
         self._mark_untrained()
 
     def before_predict(self) -> None:
         self._prepare_checkpoint_loading()
+        self._describe_run()
         resume_logging(self.trainer, None)
         self._mark_untrained()
+        settings = self.config[self.subcommand]
+        self._prediction_writer = add_default_prediction_writer(
+            self.trainer, settings.get("predictions_folder")
+        )
+
+    def _describe_run(self) -> None:
+        # Tags and a readable run name derived from the config as placed (the method group's
+        # adapter and callbacks are in model/trainer by now): src/tracking/run_metadata.py.
+        deferred_results_tables(self.trainer)
+        describe_run(
+            self.trainer,
+            self.config[self.subcommand],
+            self.subcommand,
+            source_run=None if self.subcommand == "fit" else self._checkpoint_run_id,
+            source_checkpoint=self._ckpt_argument,
+        )
+
+    def after_validate(self) -> None:
+        announce(self.trainer)
+
+    def after_test(self) -> None:
+        print_results_tables(self.trainer)
+        announce(self.trainer)
+
+    def after_predict(self) -> None:
+        log_predictions(self.trainer, self._prediction_writer)
+        announce(self.trainer, predictions=self._prediction_writer)
 
     @staticmethod
     def _untrained_reason(ckpt_path: str | None) -> str | None:
@@ -213,23 +299,42 @@ class MoSEARCLI(LightningCLI):
             check_checkpoint_fits(self.model, ckpt_path)
 
     def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
-            has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+        settings = self.config[self.subcommand]
+        best = best_checkpoint(self.trainer)
+        logged: dict[str, str] = {}
+        config_text = logged_config_text(self.trainer)
+        if settings.get("log_best_model") and best and config_text and not self.trainer.interrupted:
+            logged = log_best_checkpoint(
+                self.trainer, best, config_text, settings.get("register_as")
+            )
+        if settings.get("test_after_fit") and not self.trainer.interrupted:
             if self.trainer.global_step == 0:
                 self._refuse_untrained("the fit trained 0 steps")
             self.trainer.test(
-                self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None
+                self.model,
+                datamodule=self.datamodule,
+                ckpt_path=str(best) if best is not None else None,
+                verbose=bool(settings.get("lightning_verbose")),
             )
             self._mark_untrained()
+            print_results_tables(self.trainer)
+        announce(self.trainer, logged=logged)
+
+
+#: The project's LightningCLI settings (``run_lightning`` and ``build_cli``).
+CLI_OPTIONS: dict = {
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "save_config_callback": LogConfigToMLflow,
+    "save_config_kwargs": {"overwrite": True},
+    "auto_configure_optimizers": False,
+}
 
 
 def run_lightning(argv: list[str], from_shell: bool) -> MoSEARCLI:
     """Run a Lightning subcommand (``argv[0]``) with the project's CLI settings."""
     return MoSEARCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LogConfigToMLflow,
-        save_config_kwargs={"overwrite": True},
+        **CLI_OPTIONS,
         # No abbreviations (`--trainer.max_epoch` is an error, not max_epochs) and parser errors
         # raised, so that main prints them as one line.
         parser_kwargs={
@@ -238,5 +343,15 @@ def run_lightning(argv: list[str], from_shell: bool) -> MoSEARCLI:
             **{name: dict(STRICT_PARSER) for name in LIGHTNING_SUBCOMMANDS},
         },
         args=None if from_shell else argv,
-        auto_configure_optimizers=False,
+    )
+
+
+def build_cli(args: list[str]) -> MoSEARCLI:
+    """Parse ``args`` (``--config ...`` and overrides, no subcommand) and build the model and
+    data module without running anything (the ``export`` command uses this)."""
+    return MoSEARCLI(
+        **CLI_OPTIONS,
+        parser_kwargs={"parser_mode": "omegaconf+", **STRICT_PARSER},
+        args=args,
+        run=False,
     )

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import REPO
 
 METHODS = ["lora", "lora_ar", "mose", "mosear", "dropout", "ogm_ge"]
+#: The `method` tag the CLI derives from each method's config (what the tables group by).
+TAGS = ["LoRA", "LoRA+AR", "MoSE", "MoSEAR", "LoRA+dropout", "LoRA+OGM-GE"]
 
 
 def ablation(workdir, *extra: str) -> subprocess.CompletedProcess:
@@ -39,9 +41,11 @@ def test_ablation_runs_every_method_and_resumes(workdir):
         assert list((runs / fit).rglob("*.ar-*.json")), f"no calibration record beside {ckpt}"
         assert "AR: " in (runs / ar / "seed0" / "log.txt").read_text()
         assert "test/attn_share/audio" in results[ar]["metrics"]
+    for method, tag in zip(METHODS, TAGS, strict=True):
+        assert results[method]["method"] == tag
     table = (workdir / "abl" / "ablation.md").read_text()
-    for method in METHODS:
-        assert f"| world_tiny | {method} | 1 |" in table
+    for tag in TAGS:
+        assert f"| world_tiny | {tag} | 1 |" in table
     assert (workdir / "abl" / "ablation.png").stat().st_size > 0
     assert (workdir / "abl" / "compare" / "world_tiny" / "comparison.md").is_file()
     # Resumable: nothing is run again.

@@ -56,7 +56,7 @@ def test_fit_tests_the_best_checkpoint_and_logs_everything_to_mlflow(workdir, ca
     assert run["metrics.test/excess_gap"] == pytest.approx(excess, abs=1e-6)
     assert "excess_gap" in out and "Bayes %" in out
     # Flattened hyper-parameters and the resolved config as an artifact.
-    assert run["params.lr"] == "0.005"
+    assert run["params.model.init_args.lr"] == "0.005"
     client = mlflow.MlflowClient()
     config_text = Path(
         client.download_artifacts(run.run_id, "config.yaml", str(workdir))

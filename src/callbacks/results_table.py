@@ -1,11 +1,10 @@
-"""Prints the per-subset results table after testing and says where the MLflow run is."""
+"""Prints the per-subset results table after testing."""
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from src.core.records import SUBSETS
-from src.tracking.artifacts import mlflow_logger
 
 
 def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str:
@@ -38,6 +37,12 @@ def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str
         lines.append(f"{'acc_shortfall':<15} {cell('acc_shortfall'):>7}   (Bayes acc - acc)")
     else:
         lines.append("Bayes bounds: none for this data set (only synthetic worlds know them)")
+    audio, visual = (metrics.get(f"{prefix}/conflict/followed_{m}") for m in ("audio", "visual"))
+    if audio is not None and visual is not None:
+        lines.append(
+            f"{'followed':<15} audio {100 * audio:5.1f} %, visual {100 * visual:5.1f} %  "
+            "(conflict samples)"
+        )
     # With AR: the attention share of each modality before and after reallocation.
     for modality in ("audio", "visual", "text"):
         before = metrics.get(f"{prefix}/attn_share_before/{modality}")
@@ -50,7 +55,11 @@ def format_results_table(metrics: dict[str, float], prefix: str = "test") -> str
 
 
 class ResultsTable(Callback):
-    """At the end of ``test``: print the CA-MER table and the MLflow run to open.
+    """At the end of ``test``: print the CA-MER table.
+
+    The CLI defers the printing (:func:`deferred_results_tables`) and prints the table after the
+    test has finished (:func:`print_results_tables`), so that it is the last thing on the
+    console, followed only by where the MLflow run is.
 
     Args:
         prefix: Metric namespace to read (``test``).
@@ -58,17 +67,35 @@ class ResultsTable(Callback):
 
     def __init__(self, prefix: str = "test") -> None:
         self.prefix = prefix
+        self.defer = False
+        self.text: str | None = None
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)
         }
-        print("\n" + format_results_table(metrics, self.prefix))
-        logger = mlflow_logger(trainer)
-        if logger is not None:
-            uri = logger.experiment.tracking_uri
-            print(
-                f"MLflow run {logger.run_id} (experiment {logger._experiment_name!r}) in {uri}\n"
-                f"  open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-            )
+        self.text = format_results_table(metrics, self.prefix)
+        if not self.defer:
+            self.print()
+
+    def print(self) -> None:
+        """Print the last table (once)."""
+        if self.text is not None:
+            print("\n" + self.text)
+            self.text = None
+
+
+def deferred_results_tables(trainer: L.Trainer) -> None:
+    """Make the trainer's :class:`ResultsTable` callbacks keep their table until
+    :func:`print_results_tables`."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResultsTable):
+            callback.defer = True
+
+
+def print_results_tables(trainer: L.Trainer) -> None:
+    """Print the tables the trainer's :class:`ResultsTable` callbacks kept."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResultsTable):
+            callback.print()

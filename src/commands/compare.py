@@ -7,7 +7,14 @@ from jsonargparse import ArgumentParser
 from src.core.errors import STRICT_PARSER
 from src.io.atomic import atomic_open
 from src.tracking.backend_check import DEFAULT_MLFLOW_DIR, default_tracking_uri
-from src.tracking.compare import DEFAULT_METRICS, bar_chart, select_runs, summarize, to_markdown
+from src.tracking.compare import (
+    DEFAULT_METRICS,
+    bar_chart,
+    one_per_model,
+    select_runs,
+    summarize,
+    to_markdown,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -28,6 +35,13 @@ def build_parser() -> ArgumentParser:
         help="search_runs column to group by (tags.X or params.X)",
     )
     parser.add_argument("--metrics", type=list[str], default=list(DEFAULT_METRICS))
+    parser.add_argument(
+        "--per_model",
+        type=bool,
+        default=True,
+        help="count each trained model once per group (test/predict runs of one checkpoint "
+        "name their fit run in tags.source_run); false: every run is a sample",
+    )
     parser.add_argument(
         "--output",
         type=str,
@@ -61,6 +75,8 @@ def main(argv: list[str]) -> int:
             f"(experiments {cfg.experiments}, filter {cfg.filter!r})"
         )
         return 1
+    if cfg.per_model:
+        frame = one_per_model(frame, cfg.metrics, cfg.group_by)
     summary = summarize(frame, cfg.metrics, cfg.group_by)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,4 +18,5 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "score": ("src.evaluation.score:main", "compute every metric from a predictions file"),
     "extract": ("src.commands.extract:main", "run encoders over clips, write the feature store"),
+    "export": ("src.commands.export:main", "export adapter weights (peft LoRA folder, MoSE)"),
 }

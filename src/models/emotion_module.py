@@ -8,10 +8,12 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from src.core.plain_data import PlainValue
+from src.core.records import SUBSETS
 from src.core.streams import StreamSpec
 from src.data.components.tokenizer import load_tokenizer
 from src.io.checkpoint_io import RUN_ID_KEY, CheckpointMismatchError
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
+from src.metrics.modality_following import ModalityFollowing
 from src.models.adapters.base import Adapter, NoAdapter
 from src.models.backbone import build_backbone
 from src.models.multimodal_llm import MultimodalEmotionLLM
@@ -90,6 +92,8 @@ class EmotionLLMModule(L.LightningModule):
         self.test_metrics = EmotionMetrics(
             num_classes=len(labels), prefix="test/", bootstrap_resamples=DEFAULT_BOOTSTRAP_RESAMPLES
         )
+        # On conflict test samples: did the prediction follow the audio or the visual label?
+        self.test_following = ModalityFollowing(SUBSETS, prefix="test/")
         # Checkpoints hold trainable weights only; the frozen backbone is rebuilt from config.
         self.strict_loading = False
         # Frozen encoders are rebuilt from config too (checkpoints keep trainable weights only).
@@ -158,14 +162,28 @@ class EmotionLLMModule(L.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        scores = self._evaluate(batch, self.test_metrics)
+        if "audio_labels" in batch:
+            self.test_following.update(
+                scores.argmax(dim=1),
+                batch["audio_labels"],
+                batch["video_labels"],
+                batch["subset_ids"],
+            )
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
+        following = self.test_following.compute() if self.test_following.update_called else {}
+        if following:
+            self.log_dict(following)
         if self.trainer.is_global_zero:
             for name, figure in self.test_metrics.figures(self.model.labels).items():
                 log_figure(self.trainer, figure, f"confusion/{name}")
+            figure = self.test_following.figure() if following else None
+            if figure is not None:
+                log_figure(self.trainer, figure, "modality_following.png")
         self.test_metrics.reset()
+        self.test_following.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         batch = self.encode_batch(batch)

@@ -43,6 +43,26 @@ def select_runs(
     )
 
 
+SOURCE_RUN = "tags.source_run"
+
+
+def one_per_model(frame: pd.DataFrame, metrics: Sequence[str], group_by: str) -> pd.DataFrame:
+    """One row per trained model in each group: a test or predict run of a checkpoint names
+    the fit run it came from (``tags.source_run``), and evaluations of one model in one group
+    are one sample (the newest is kept), not extra seeds. Runs that logged none of ``metrics``
+    (a predict run) are left out."""
+    columns = [f"metrics.{m}" for m in metrics if f"metrics.{m}" in frame.columns]
+    if columns:
+        frame = frame[frame[columns].notna().any(axis=1)]
+    model = frame["run_id"]
+    if SOURCE_RUN in frame.columns:
+        model = frame[SOURCE_RUN].where(frame[SOURCE_RUN].notna() & (frame[SOURCE_RUN] != ""))
+        model = model.fillna(frame["run_id"])
+    frame = frame.assign(_model=model).sort_values("start_time")
+    keys = [group_by, "_model"] if group_by in frame.columns else ["_model"]
+    return frame.drop_duplicates(keys, keep="last").drop(columns="_model")
+
+
 def summarize(frame: pd.DataFrame, metrics: Sequence[str], group_by: str) -> pd.DataFrame:
     """One row per group: ``<metric> mean``, ``<metric> std`` (sample std, 0 for one run), ``n``.
 

@@ -4,10 +4,12 @@ import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 
 from src.tracking.artifacts import mlflow_logger
+from src.tracking.run_metadata import flatten_config
 
 
 class LogConfigToMLflow(SaveConfigCallback):
-    """Logs ``config.yaml`` to the MLflow run instead of the logger's log_dir.
+    """Logs ``config.yaml`` to the MLflow run instead of the logger's log_dir, and the same
+    config flattened as the run's params.
 
     Lightning's stock callback writes into ``trainer.log_dir``, which an sqlite-backed MLflow
     logger does not have; this subclass sends the same resolved config to the run. Called on rank
@@ -30,6 +32,7 @@ class LogConfigToMLflow(SaveConfigCallback):
         if logger is None:
             return
         text = self.parser.dump(self.config, skip_none=False)
+        self.config_text = text  # also the logged model's config (model_logging)
         name = self.config_filename
         if getattr(logger, "resumed", False):
             # The interrupted run's config stays; the resumed one (possibly with moved data
@@ -37,3 +40,15 @@ class LogConfigToMLflow(SaveConfigCallback):
             stem, _, suffix = name.rpartition(".")
             name = f"{stem}.resumed-step{logger.resumed_step}.{suffix}"
         logger.experiment.log_text(logger.run_id, text, name)
+        # The run's params: the same resolved config, flattened (src/tracking/run_metadata.py);
+        # a resumed run keeps its params, changed values become tags (mlflow_logger).
+        if hasattr(logger, "log_config_params"):
+            logger.log_config_params(flatten_config(self.config))
+
+
+def logged_config_text(trainer: L.Trainer) -> str | None:
+    """The ``config.yaml`` text the trainer's :class:`LogConfigToMLflow` logged, if any."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, LogConfigToMLflow):
+            return getattr(callback, "config_text", None)
+    return None

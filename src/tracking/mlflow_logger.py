@@ -8,7 +8,10 @@ from typing import Any, Literal
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH as MAX_PARAMS_PER_BATCH
 
 from src.core.plain_data import PlainScalar
 from src.tracking.backend_check import (
@@ -66,6 +69,11 @@ class MoSEARMLFlowLogger(MLFlowLogger):
         check_backend: Probe the backend now (unreachable or locked -> a clear error before any
             training) and create the experiment under a lock (concurrent runs on one store).
         backend_timeout: Seconds the probe waits for a lock or an answer.
+        log_system_metrics: Log MLflow's system metrics (``system/cpu_utilization_percentage``,
+            ``system/system_memory_usage_megabytes``, ``system/gpu_<i>_memory_usage_megabytes``,
+            ``system/gpu_<i>_utilization_percentage``, ...) while the run is open (rank zero;
+            GPU metrics need ``nvidia-ml-py``).
+        system_metrics_interval: Seconds between two system-metric samples.
     """
 
     def __init__(
@@ -80,6 +88,8 @@ class MoSEARMLFlowLogger(MLFlowLogger):
         run_id: str | None = None,
         check_backend: bool = True,
         backend_timeout: float = 5.0,
+        log_system_metrics: bool = False,
+        system_metrics_interval: float = 10.0,
     ) -> None:
         tracking_uri = resolve_tracking_uri(tracking_uri, save_dir)
         if artifact_location is None and tracking_uri.startswith("sqlite:"):
@@ -109,6 +119,65 @@ class MoSEARMLFlowLogger(MLFlowLogger):
             run_id=run_id,
         )
         self._experiment_id = experiment_id
+        self.log_system_metrics = log_system_metrics
+        self.system_metrics_interval = system_metrics_interval
+        self._system_monitor: Any = None
+        self._config_logged = False
+
+    def describe(self, tags: dict[str, str], run_name: str | None = None) -> None:
+        """Add the CLI's tags (a user's own ``tags`` win) and a run name (unless the user gave
+        one) to the run this logger is about to create; no-op once the run exists."""
+        if self._initialized or self._run_id is not None:
+            return
+        self.tags = {**tags, **(self.tags or {})}
+        if self._run_name is None and run_name:
+            self.tags.setdefault(MLFLOW_RUN_NAME, run_name)
+
+    @rank_zero_only
+    def log_config_params(self, params: dict[str, str]) -> None:
+        """Log the flattened resolved config as the run's params (``run_metadata``); the
+        module's init args (:meth:`log_hyperparams`) are then not logged on top."""
+        self._log_params(params)
+        self._config_logged = True
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        """The module's init args, when no config was logged (use outside the CLI), private
+        keys (``_instantiator``) left out; with the CLI the config params hold them already."""
+        if self._config_logged:
+            return
+        plain = {k: v for k, v in _convert_params(params).items() if not str(k).startswith("_")}
+        # Truncated as Lightning's MLFlowLogger does.
+        self._log_params({k: str(v)[:250] for k, v in _flatten_dict(plain).items()})
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        """Log ``params`` (values as the store keeps them) in batches.
+
+        Keys the run already has (a resumed run) are not logged again. MLflow refuses a changed
+        param value ("Changing param values is not allowed"), so a value that changed since the
+        run was interrupted (a moved data root, more epochs) is recorded as the tag
+        ``mosear.resumed.<key>`` instead.
+        """
+        known = self._logged_params if self.resumed else self._run_params()
+        new = [Param(k, v) for k, v in params.items() if k not in known]
+        changed = {k: v for k, v in params.items() if k in known and known[k] != v}
+        for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
+            batch = new[start : start + MAX_PARAMS_PER_BATCH]
+            self.experiment.log_batch(self.run_id, params=batch, **self._log_batch_kwargs)
+        for key, value in changed.items():
+            self.experiment.set_tag(self.run_id, f"mosear.resumed.{key}", value[:5000])
+        if changed:
+            rank_zero_warn(
+                f"resumed run {self.run_id}: {len(changed)} parameter(s) changed since it was "
+                f"interrupted ({', '.join(sorted(changed)[:5])}); recorded as tags "
+                "mosear.resumed.<key>"
+            )
+        if self.resumed:
+            self._logged_params.update({p.key: p.value for p in new})
+
+    def _run_params(self) -> dict[str, str]:
+        # A run given by run_id may hold params already; a new run has none.
+        return dict(self.experiment.get_run(self.run_id).data.params)
 
     def resume(self, run_id: str, step: int | None = None) -> None:
         """Log into the existing run ``run_id`` (``fit --ckpt_path`` of an interrupted run).
@@ -171,31 +240,6 @@ class MoSEARMLFlowLogger(MLFlowLogger):
         return getattr(self, "_resumed_step", None)
 
     @rank_zero_only
-    def log_hyperparams(self, params: Any) -> None:
-        if not self.resumed:
-            return super().log_hyperparams(params)
-        # MLflow refuses a changed param value ("Changing param values is not allowed"): in a
-        # resumed run, new keys are logged, changed values are recorded as tags.
-        flat = _flatten_dict(_convert_params(params))
-        new = {k: v for k, v in flat.items() if k not in self._logged_params}
-        changed = {
-            k: str(v)
-            for k, v in flat.items()
-            if k in self._logged_params and self._logged_params[k] != str(v)[:250]
-        }
-        if new:
-            super().log_hyperparams(new)
-        for key, value in changed.items():
-            self.experiment.set_tag(self.run_id, f"mosear.resumed.{key}", value[:5000])
-        if changed:
-            rank_zero_warn(
-                f"resumed run {self.run_id}: {len(changed)} parameter(s) changed since it was "
-                f"interrupted ({', '.join(sorted(changed)[:5])}); recorded as tags "
-                "mosear.resumed.<key>"
-            )
-        self._logged_params.update({k: str(v)[:250] for k, v in new.items()})
-
-    @rank_zero_only
     def log_metrics(self, metrics: Any, step: int | None = None) -> None:
         logged = getattr(self, "_logged_steps", None)
         if logged:
@@ -214,6 +258,24 @@ class MoSEARMLFlowLogger(MLFlowLogger):
         """
         if rank_zero_only.rank == 0:
             _ = self.experiment
+            if self.log_system_metrics and self._system_monitor is None:
+                # MLflow's own sampler (a thread), pointed at this run and store.
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._system_monitor = SystemMetricsMonitor(
+                    self.run_id,
+                    sampling_interval=self.system_metrics_interval,
+                    resume_logging=True,
+                    tracking_uri=self._tracking_uri,
+                )
+                self._system_monitor.start()
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+            self._system_monitor = None
+        super().finalize(status)
 
     def share_run_id(self, strategy: Any) -> str | None:
         """Broadcast rank zero's run id so every rank knows it (a collective: call on all)."""

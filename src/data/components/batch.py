@@ -25,7 +25,8 @@ class EmotionBatch(TypedDict):
     Keys: ``input_ids``, ``attention_mask``, ``modality_ids`` (``Modality``; PAD=-1 on padding),
     ``stream_ids`` (index into the streams; -1 on text and padding), all ``(B, T)``;
     ``features`` (stream -> ``(B, dim)``, ``(B, tokens, dim)`` for a sequence stream);
-    ``labels`` and ``subset_ids`` (``(B,)``, -1 when unknown); ``target_ids`` (answer tokens per
+    ``labels``, ``audio_labels``, ``video_labels`` (what the whole clip, its audio and its video
+    show) and ``subset_ids`` (``(B,)``, -1 when unknown); ``target_ids`` (answer tokens per
     sample); ``names``, ``subsets``, ``tasks``. A raw-media batch also has ``frames``
     ``(B, K, 3, S, S)`` and/or ``audio`` ``(B, n)`` with ``audio_lengths``; a sequence made by
     :func:`with_continuations` has ``lm_labels``.
@@ -37,6 +38,8 @@ class EmotionBatch(TypedDict):
     stream_ids: torch.Tensor
     features: dict[str, torch.Tensor]
     labels: NotRequired[torch.Tensor]
+    audio_labels: NotRequired[torch.Tensor]
+    video_labels: NotRequired[torch.Tensor]
     subset_ids: NotRequired[torch.Tensor]
     target_ids: NotRequired[list[list[int]]]
     names: NotRequired[list[str]]

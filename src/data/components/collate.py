@@ -27,12 +27,14 @@ class EmotionCollator:
     """Turns dataset items into a padded :class:`~src.data.components.batch.EmotionBatch`.
 
     Items are dicts with ``name``, ``subtitle``, ``label`` (class index or -1), ``subset``
-    (str or None), ``features`` (stream name -> ``(dim,)`` array, ``(tokens, dim)`` for a sequence
-    stream), ``task`` and ``target`` (answer text or None). The batch holds right-padded
-    ``input_ids``, ``attention_mask``, ``modality_ids`` (PAD=-1 on padding), ``stream_ids`` (-1 on
-    text and padding), ``features`` (stream -> ``(B, dim)`` or ``(B, tokens, dim)``), ``labels``
-    and ``subset_ids`` (-1 when unknown), ``target_ids`` (answer tokens per sample, for the LM
-    loss), and the plain lists ``names``, ``subsets``, ``tasks``.
+    (str or None), ``audio_label``/``video_label`` (what each modality shows; -1 when unknown),
+    ``features`` (stream name -> ``(dim,)`` array, ``(tokens, dim)`` for a sequence stream),
+    ``task`` and ``target`` (answer text or None). The batch holds right-padded ``input_ids``,
+    ``attention_mask``, ``modality_ids`` (PAD=-1 on padding), ``stream_ids`` (-1 on text and
+    padding), ``features`` (stream -> ``(B, dim)`` or ``(B, tokens, dim)``), ``labels``,
+    ``audio_labels``, ``video_labels`` and ``subset_ids`` (-1 when unknown), ``target_ids``
+    (answer tokens per sample, for the LM loss), and the plain lists ``names``, ``subsets``,
+    ``tasks``.
     Items of a raw-media data set carry ``frames`` (K, 3, S, S) and/or ``audio`` (n,) instead of
     ``features``; the batch then has ``frames`` (B, K, 3, S, S), ``audio`` (B, n_max) zero-padded
     with ``audio_lengths`` (B,), and the model's online encoders fill ``features``.
@@ -75,6 +77,12 @@ class EmotionCollator:
             **tokens,
             "features": features,
             "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "audio_labels": torch.tensor(
+                [it.get("audio_label", -1) for it in items], dtype=torch.long
+            ),
+            "video_labels": torch.tensor(
+                [it.get("video_label", -1) for it in items], dtype=torch.long
+            ),
             "subset_ids": torch.tensor(
                 [SUBSETS.index(it["subset"]) if it.get("subset") else -1 for it in items],
                 dtype=torch.long,

@@ -58,6 +58,9 @@ class FeatureDataset(Dataset):
             "subtitle": r.subtitle,
             "label": self.label_index[r.label] if r.label is not None else -1,
             "subset": r.subset,
+            # What each modality shows (conflict samples): which one the prediction followed.
+            "audio_label": self.label_index.get(r.audio_label, -1) if r.audio_label else -1,
+            "video_label": self.label_index.get(r.video_label, -1) if r.video_label else -1,
             **self.payload(r),
             "task": task,
             "target": task_target(r, task),

@@ -6,6 +6,7 @@ diagnostics. The LightningModule only talks to this interface.
 """
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,9 +65,17 @@ class Adapter(ABC):
         """Matplotlib figures to log as MLflow artifacts at the end of fit (file name -> figure)."""
         return {}
 
+    def export(self, llm: "MultimodalEmotionLLM", folder: Path) -> list[Path]:
+        """Write the adapter's weights in a format other tools read (``python -m src.cli
+        export``; see docs/tracking.md); returns the files written."""
+        raise NotImplementedError(f"{type(self).__name__} has no export format")
+
 
 class NoAdapter(Adapter):
     """Train only the projectors; the backbone stays exactly as loaded."""
 
     def apply(self, llm: "MultimodalEmotionLLM") -> None:
         return None
+
+    def export(self, llm: "MultimodalEmotionLLM", folder: Path) -> list[Path]:
+        return []  # nothing beyond the projectors, which the export command writes

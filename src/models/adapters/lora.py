@@ -1,8 +1,11 @@
 """Plain LoRA through peft: the baseline adapter (Emotion-LLaMA: r=64, alpha=16 on q/v)."""
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
 
 from src.models.adapters.base import Adapter
 
@@ -44,3 +47,16 @@ class LoRAAdapter(Adapter):
         llm.backbone = inject_adapter_in_model(self.config, llm.backbone)
         for name, param in llm.backbone.named_parameters():
             param.requires_grad_("lora_" in name)
+
+    def export(self, llm: "MultimodalEmotionLLM", folder: Path) -> list[Path]:
+        """A peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) that
+        ``PeftModel.from_pretrained(<the same backbone>, folder)`` loads."""
+        folder.mkdir(parents=True, exist_ok=True)
+        # peft's own names: relative to a PeftModel (base_model.model.<backbone key>), adapter
+        # name removed, as PeftModel.save_pretrained writes them.
+        state = get_peft_model_state_dict(llm.backbone)
+        state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
+        weights = folder / SAFETENSORS_WEIGHTS_NAME
+        save_file(state, str(weights), metadata={"format": "pt"})
+        self.config.save_pretrained(str(folder))
+        return [folder / CONFIG_NAME, weights]

@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class ModalityDropoutLoRAAdapter(LoRAAdapter):
-    """peft LoRA trained with per-sample modality dropout.
+    """peft LoRA trained with per-sample modality dropout (MLflow ``method`` tag
+    ``LoRA+dropout``; exports as a peft adapter folder like :class:`LoRAAdapter`).
 
     Args:
         p: Probability that a training sample loses one modality.

@@ -6,10 +6,13 @@ training forward, adds :meth:`auxiliary_loss` to the task loss, logs :meth:`step
 ``train/<key>`` and :meth:`figures` as MLflow artifacts. Equations: ``docs/mose.md``.
 """
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from matplotlib.figure import Figure
+from safetensors.torch import save_file
 from torch import nn
 
 from src.models.adapters.base import Adapter
@@ -34,6 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MoSEAdapter", "mose_state_dict", "load_mose_state_dict"]
 
 _LOGGED_MODALITIES = ("audio", "visual")
+#: The MoSE export layout (``python -m src.cli export``), versioned.
+MOSE_EXPORT_FORMAT = "mosear-mose/1"
+MOSE_WEIGHTS_FILE = "mose_adapter.safetensors"
+MOSE_CONFIG_FILE = "mose_config.json"
 
 
 class MoSEAdapter(Adapter):
@@ -227,6 +234,30 @@ class MoSEAdapter(Adapter):
     def lr_scales(self) -> dict[str, float] | None:
         return self.weights.as_dict() if self.modulate_lr else None
 
+    def export(self, llm: "MultimodalEmotionLLM", folder: Path) -> list[Path]:
+        """``mose_adapter.safetensors`` (:func:`mose_state_dict` of the backbone: shared ``A``,
+        expert ``B``'s, gates, modality weights; keys relative to the backbone) and
+        ``mose_config.json`` (format tag, layer settings, adapted layers); see docs/tracking.md.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in mose_state_dict(llm.backbone).items()}
+        weights = folder / MOSE_WEIGHTS_FILE
+        save_file(state, str(weights), metadata={"format": MOSE_EXPORT_FORMAT})
+        settings = {
+            "format": MOSE_EXPORT_FORMAT,
+            "layer_kwargs": self.layer_kwargs,
+            "target_modules": list(self.target_modules),
+            "layers": self.layers,
+            "layer_names": self.layer_names,
+            "modality_weighting": self.weighting,
+            "modality_weights": self.weights.as_dict(),
+            # Whether the weights scale expert outputs in the forward (else only the LR).
+            "weight_outputs": self.weight_outputs,
+        }
+        config = folder / MOSE_CONFIG_FILE
+        config.write_text(json.dumps(settings, indent=2) + "\n")
+        return [config, weights]
+
     def figures(self) -> dict[str, Any]:
         out = {}
         table = self.usage_table()
@@ -316,23 +347,38 @@ def _layer_statistics(records: list[LayerRecord]) -> dict[str, torch.Tensor]:
 
 
 def plot_expert_usage(table: dict[str, torch.Tensor], layer_names: list[str]) -> Figure:
-    """Heat maps of the mean mixing weight per layer (rows) and expert (columns), per modality."""
+    """Heat maps of the mean mixing weight per layer (rows) and expert (columns), per modality.
+
+    The colour scale is centred on uniform use (``1/E``, white) and diverges to the largest
+    deviation in the figure, so small imbalances are visible; every cell shows its value.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
     groups = list(table)
     n_layers = max(t.shape[0] for t in table.values())
-    fig = Figure(figsize=(3.2 * len(groups) + 1.5, 0.35 * n_layers + 1.8), layout="constrained")
+    max_experts = max(t.shape[1] for t in table.values())
+    fig = Figure(
+        figsize=(0.75 * max_experts * len(groups) + 2.5, 0.4 * n_layers + 1.8),
+        layout="constrained",
+    )
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     labels = [_short_layer_name(n) for n in layer_names[:n_layers]]
     for ax, group in zip(axes, groups, strict=True):
         usage = table[group].numpy()
         n_experts = usage.shape[1]
-        image = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"{group} (uniform = {1 / n_experts:.2f})")
+        uniform = 1.0 / n_experts
+        spread = max(float(abs(usage - uniform).max()), 1e-3)
+        norm = TwoSlopeNorm(vcenter=uniform, vmin=max(uniform - spread, 0.0), vmax=uniform + spread)
+        image = ax.imshow(usage, aspect="auto", cmap="RdBu_r", norm=norm)
+        for (row, col), value in _cells(usage):
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{group} (uniform = {uniform:.2f})")
         ax.set_xlabel("expert")
         ax.set_xticks(range(n_experts))
         ax.set_yticks(range(usage.shape[0]))
         ax.set_yticklabels(labels[: usage.shape[0]] if group == groups[0] else [], fontsize=7)
         fig.colorbar(image, ax=ax, label="mean gate weight")
-    fig.suptitle("MoSE expert usage per modality")
+    fig.suptitle("MoSE expert usage per modality (white = uniform)")
     return fig
 
 
@@ -349,6 +395,11 @@ def plot_weight_trajectory(history: list[tuple[int, float, float]], title: str) 
     ax.set_title(f"{title}: modality weights over training")
     ax.legend()
     return fig
+
+
+def _cells(values: Any) -> list[tuple[tuple[int, int], float]]:
+    rows, cols = values.shape
+    return [((r, c), float(values[r, c])) for r in range(rows) for c in range(cols)]
 
 
 def _short_layer_name(name: str) -> str:

@@ -21,7 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class OGMGELoRAAdapter(LoRAAdapter):
-    """peft LoRA with OGM-GE learning-rate modulation of the audio and visual projectors.
+    """peft LoRA with OGM-GE learning-rate modulation of the audio and visual projectors (MLflow
+    ``method`` tag ``LoRA+OGM-GE``; exports as a peft adapter folder like :class:`LoRAAdapter`:
+    the modulation acts in training only).
 
     Args:
         ogm_alpha: OGM-GE's ``alpha`` (``alpha`` is LoRA's).
