@@ -277,6 +277,14 @@ class MoSEARCLI(LightningCLI):
             return f"--ckpt_path {ckpt_path} holds 0 training steps"
         return None
 
+    def _fit_untrained_reason(self, best: Path | None) -> str | None:
+        """``"the fit trained 0 steps"`` or ``None``. Under ``ddp_spawn`` the launching process's
+        trainer never counts the workers' steps (it stays at 0); the best checkpoint does."""
+        steps = self.trainer.global_step
+        if steps == 0 and best is not None:
+            steps = load_checkpoint_safely(best, mmap=True).get("global_step", 0)
+        return "the fit trained 0 steps" if steps == 0 else None
+
     def _refuse_untrained(self, reason: str | None) -> None:
         self._is_untrained = reason is not None
         if reason is not None and not self.config[self.subcommand].get("allow_untrained"):
@@ -308,8 +316,7 @@ class MoSEARCLI(LightningCLI):
                 self.trainer, best, config_text, settings.get("register_as")
             )
         if settings.get("test_after_fit") and not self.trainer.interrupted:
-            if self.trainer.global_step == 0:
-                self._refuse_untrained("the fit trained 0 steps")
+            self._refuse_untrained(self._fit_untrained_reason(best))
             self.trainer.test(
                 self.model,
                 datamodule=self.datamodule,
