@@ -85,6 +85,9 @@ def test_method_follows_the_adapter_class_and_the_ar_callback(adapter, ar, metho
     assert tags["method"] == method and tags["command"] == "test" and tags["seed"] == "2"
     assert tags["dataset"] == "camer_x" and tags["world"] == "token_imbalance"
     assert tags["source_run"] == "abc"
+    # A world's per-seed data folder is not the data set's name.
+    config["data"]["init_args"]["root"] = "data/worlds/token_imbalance/seed_3"
+    assert run_tags(config, "fit")["dataset"] == "token_imbalance"
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
 
 

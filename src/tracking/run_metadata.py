@@ -15,6 +15,7 @@ user tagging it:
 - the run name: ``<method> <dataset> <command> <MMDD-HHMMSS> <4 hex>``.
 """
 
+import re
 import secrets
 import subprocess
 import time
@@ -44,6 +45,8 @@ PLACED_KEYS = frozenset({"method"})
 #: Logger init args that are tags or identity, recorded as tags instead.
 LOGGER_IDENTITY_KEYS = frozenset({"tags", "run_name", "run_id"})
 AR_CALLBACK_NAME = "AttentionReallocation"
+#: The per-seed folder of a synthetic world's data root (conf/data/worlds/*.yaml).
+SEED_FOLDER = re.compile(r"seed_\d+")
 RUN_NAME_TAG = "mlflow.runName"
 
 
@@ -140,14 +143,20 @@ def method_name(config: Mapping[str, Any]) -> str:
 
 def dataset_and_world(config: Mapping[str, Any]) -> dict[str, str]:
     """``dataset`` (the data root's folder name, else the data module class) and ``world``
-    (a ``world`` init arg of the data module or of its synthetic settings, when there is one)."""
+    (a ``world`` init arg of the data module or of its synthetic settings, when there is one).
+
+    A world's data root ends in one folder per generator seed (``data/worlds/<world>/seed_0``):
+    that folder is skipped, the data set is ``<world>`` (the seed is in the params)."""
     data = config.get("data") or {}
     args = data.get("init_args") or {}
     out: dict[str, str] = {}
     root = args.get("root")
     module = _short_class(data.get("class_path"))
     if root:
-        out["dataset"] = Path(str(root)).name
+        path = Path(str(root))
+        if SEED_FOLDER.fullmatch(path.name) and path.parent.name:
+            path = path.parent
+        out["dataset"] = path.name
     elif module:
         out["dataset"] = module.removesuffix("DataModule")
     for holder in (args, args.get("synthetic") or {}):
