@@ -2,6 +2,7 @@
 embedded demo, conf/default.yaml) in a scratch folder and copy its MLflow plots.
 
     python experiments/make_figures.py [--workdir /tmp/mosear-figures] [--out docs/figures]
+    python experiments/make_figures.py --workdir <folder of a finished demo run> --reuse
 
 Copied: attention_share.png (AR, per layer), expert_usage.png (MoSE, scale centred on uniform),
 modality_following.png (followed audio / visual on conflict samples) and
@@ -31,12 +32,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: temp)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "figures")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="copy from the newest fit run already in --workdir instead of running the demo",
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mosear-figures-"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    subprocess.run([sys.executable, "-m", "src.cli", "fit"], cwd=workdir, env=env, check=True)
+    if not args.reuse:
+        subprocess.run([sys.executable, "-m", "src.cli", "fit"], cwd=workdir, env=env, check=True)
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mosear")
     (run,) = client.search_runs(
