@@ -52,12 +52,14 @@ def run(table: str, method: str, seed: int, fold: int | None, args: argparse.Nam
         str(REPO / ADAPTERS[method]),
         "--data",
         str(REPO / DATA[table]),
-        "--trainer.logger.init_args.experiment_name",
+        "--tracking",
+        str(REPO / "conf/tracking/mlflow.yaml"),
+        "--tracking.logger.init_args.experiment_name",
         f"paper_{table}",
         *([f"--data.init_args.fold={fold}"] if fold else []),
         *args.set,
     ]
-    cli = main(["fit", *common, "--trainer.logger.init_args.tags", tags])
+    cli = main(["fit", *common, "--tracking.logger.init_args.tags", tags])
     if table == "camer":
         best = cli.trainer.checkpoint_callback.best_model_path
         ar_tags = tags.replace(f"method: {method}", f"method: {method}+ar")
@@ -65,7 +67,7 @@ def run(table: str, method: str, seed: int, fold: int | None, args: argparse.Nam
             [
                 "test",
                 *common,
-                "--trainer.logger.init_args.tags",
+                "--tracking.logger.init_args.tags",
                 ar_tags,
                 "--ckpt_path",
                 best,

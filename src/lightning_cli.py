@@ -13,6 +13,7 @@ from pathlib import Path
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import Logger
 
 from src.callbacks.preemption import CheckpointOnSigterm
 from src.callbacks.results_table import deferred_results_tables, print_results_tables
@@ -73,6 +74,24 @@ class Method:
         self.adapter, self.callbacks = adapter, callbacks
 
 
+class Tracking:
+    """Where a run is kept, one config group (``conf/tracking/*.yaml``), so that
+    ``conf/trainer/`` says only how the trainer runs (hardware, precision, epochs).
+
+    Args:
+        logger: The run's logger (``MoSEARMLFlowLogger``); it becomes ``trainer.logger``, which
+            must then be unset (``--trainer.logger false`` drops it: no logger).
+        callbacks: The run-keeping callbacks (best and last checkpoints, learning-rate monitor,
+            results table); they come first in ``trainer.callbacks``, before the trainer's own
+            and the method's.
+    """
+
+    def __init__(
+        self, logger: Logger | None = None, callbacks: list[Callback] | None = None
+    ) -> None:
+        self.logger, self.callbacks = logger, callbacks
+
+
 class MoSEARCLI(LightningCLI):
     """LightningCLI with the data module's tokenizer, labels and streams linked into the model
     and a ``method`` group (adapter + its callbacks) beside trainer, model and data."""
@@ -80,6 +99,12 @@ class MoSEARCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(
             Method, "method", sub_configs=True, help="adapter + its callbacks (conf/method/)"
+        )
+        parser.add_class_arguments(
+            Tracking,
+            "tracking",
+            sub_configs=True,
+            help="logger + checkpoint and results callbacks (conf/tracking/)",
         )
         for source, target in zip(
             ("data.tokenizer_path", "data.label_names", "data.streams"),
@@ -174,6 +199,7 @@ class MoSEARCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is None:
             return
+        self._place_tracking(config)
         self._place_method(config)
         # Untrained weights are refused before data and model are built.
         if self.subcommand in ("test", "predict"):
@@ -186,6 +212,26 @@ class MoSEARCLI(LightningCLI):
                 config["trainer"]["enable_model_summary"] = True
             if "verbose" in config:
                 config["verbose"] = bool(config.get("lightning_verbose"))
+
+    def _place_tracking(self, config: Namespace) -> None:
+        """Put the tracking group's logger and callbacks into the trainer (the logger once; the
+        callbacks before the trainer's own), so the logged ``config.yaml`` is a plain one."""
+        logger = config.get("tracking.logger")
+        if logger is not None and config.get("trainer.logger") is False:
+            # `--trainer.logger false` (export, the pyfunc model's predict): no logger at all.
+            config["tracking.logger"] = None
+        elif logger is not None:
+            if config.get("trainer.logger") not in (None, True):
+                self.parser.error(
+                    "the logger is given twice, as tracking.logger and trainer.logger; keep one "
+                    "(conf/trainer/ holds hardware, conf/tracking/ the logger and checkpoints)"
+                )
+            config["trainer.logger"] = logger
+            config["tracking.logger"] = None
+        callbacks = config.get("tracking.callbacks")
+        if callbacks:
+            config["trainer.callbacks"] = [*callbacks, *(config.get("trainer.callbacks") or [])]
+            config["tracking.callbacks"] = None
 
     def _place_method(self, config: Namespace) -> None:
         """Put the method's adapter and callbacks where the model and trainer take them, so the

@@ -113,7 +113,9 @@ def test_experiment_config_composes_the_config_groups(workdir, capsys):
     assert config["model"]["init_args"]["adapter"] is None  # conf/model/ holds the backbone only
     assert config["method"]["adapter"]["class_path"].endswith("LoRAAdapter")
     assert config["data"]["init_args"]["synthetic"]["seed"] == 0
-    assert config["trainer"]["logger"]["class_path"].endswith("MoSEARMLFlowLogger")
+    # conf/trainer/ holds hardware only; the logger comes with the tracking group.
+    assert config["trainer"]["logger"] is None
+    assert config["tracking"]["logger"]["class_path"].endswith("MoSEARMLFlowLogger")
 
 
 def test_default_config_is_used_without_config(workdir, capsys):
@@ -193,3 +195,50 @@ def test_swapping_the_method_drops_its_callbacks(workdir, capsys):
 def test_an_adapter_given_twice_is_a_one_line_error(workdir, capsys):
     argv = ["fit", "--config", str(TINY_CONFIG), "--method", str(REPO / "conf/method/mose.yaml")]
     assert "the adapter is given twice" in expect_user_error(capsys, argv)
+
+
+def test_tracking_group_places_logger_and_callbacks(workdir):
+    """`tracking` (logger + run-keeping callbacks) becomes trainer.logger and the first
+    trainer.callbacks, so that a hardware preset (conf/trainer/) can be swapped alone."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from src.callbacks.results_table import ResultsTable
+    from src.tracking.mlflow_logger import MoSEARMLFlowLogger
+
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(TINY_CONFIG),
+            "--trainer",
+            str(REPO / "conf/trainer/cpu.yaml"),
+            "--trainer.logger",
+            "null",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.fast_dev_run",
+            "true",
+            "--tracking",
+            str(REPO / "conf/tracking/mlflow.yaml"),
+            "--test_after_fit",
+            "false",
+        ]
+    )
+    assert isinstance(cli.config_init["fit"]["trainer"]["logger"], MoSEARMLFlowLogger)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert kinds.count(ModelCheckpoint) == 2
+    assert LearningRateMonitor in kinds and ResultsTable in kinds
+    placed = cli.config["fit"]
+    assert placed["tracking"]["logger"] is None and not placed["tracking"]["callbacks"]
+
+
+def test_hardware_presets_hold_no_logger_or_callbacks():
+    for preset in sorted((REPO / "conf/trainer").glob("*.yaml")):
+        settings = yaml.safe_load(preset.read_text())
+        assert "logger" not in settings and "callbacks" not in settings, preset.name
+
+
+def test_a_logger_given_twice_is_a_one_line_error(workdir, capsys):
+    tracking = str(REPO / "conf/tracking/mlflow.yaml")
+    argv = ["fit", "--config", str(TINY_CONFIG), "--tracking", tracking]
+    assert "the logger is given twice" in expect_user_error(capsys, argv)

@@ -26,9 +26,10 @@ from src.core.errors import UserError
 DEFAULT_MLFLOW_DIR = "mlruns"
 
 WHAT_TO_DO = (
-    "Nothing was trained. Fix trainer.logger.init_args.tracking_uri (or $MLFLOW_TRACKING_URI), "
-    "start the tracking server, or log to a local store with "
-    "--trainer.logger.init_args.save_dir <folder> and no tracking_uri."
+    "Nothing was trained. Fix the logger's tracking_uri (--tracking.logger.init_args.tracking_uri, "
+    "or $MLFLOW_TRACKING_URI), start the tracking server, or log to a local store with "
+    "--tracking.logger.init_args.save_dir <folder> and no tracking_uri (trainer.logger.init_args "
+    "where a config sets trainer.logger itself)."
 )
 
 

@@ -199,7 +199,7 @@ class MoSEARMLFlowLogger(MLFlowLogger):
         if self._initialized or self._run_id is not None:
             raise RuntimeError(
                 f"cannot resume MLflow run {run_id}: this logger already uses run {self._run_id}"
-                " (drop trainer.logger.init_args.run_id, or resume from that run's checkpoint)"
+                " (drop the logger's init_args.run_id, or resume from that run's checkpoint)"
             )
         if rank_zero_only.rank == 0:
             try:
