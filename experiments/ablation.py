@@ -114,8 +114,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     "--seed_everything", str(seed),
                     "--trainer.max_epochs", str(args.epochs),
                     "--trainer.default_root_dir", str(folder),
-                    "--trainer.logger.init_args.experiment_name", args.experiment,
-                    "--trainer.logger.init_args.tags", tags,
+                    "--tracking.logger.init_args.experiment_name", args.experiment,
+                    "--tracking.logger.init_args.tags", tags,
                     "--trainer.enable_progress_bar", "false",
                     *args.override,
                 ]  # fmt: skip

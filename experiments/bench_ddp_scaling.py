@@ -52,7 +52,7 @@ def fit(config: str, devices: int, epochs: int, batch: int) -> tuple[float, str]
         "false",
         "--test_after_fit",
         "false",
-        "--trainer.logger.init_args.experiment_name",
+        "--tracking.logger.init_args.experiment_name",
         "ddp_scaling",
         "--data.init_args.batch_size",
         str(batch),
@@ -92,7 +92,7 @@ def test_metrics(config: str, ckpt: str, devices: int) -> dict[str, float]:
         ckpt,
         "--trainer.enable_progress_bar",
         "false",
-        "--trainer.logger.init_args.experiment_name",
+        "--tracking.logger.init_args.experiment_name",
         "ddp_scaling",
     ]
     if devices > 1:

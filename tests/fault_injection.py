@@ -79,17 +79,26 @@ def finish(process: subprocess.Popen, timeout: float = 500) -> str:
 
 
 class HangAt(Callback):
-    """At ``(epoch, batch)``, create the file named by ``$<env>`` and sleep: the parent test
-    kills the process there. Does nothing when the variable is unset or the file exists.
+    """At ``(epoch, batch)``, create the file named by ``$<env>`` and wait there: the parent test
+    kills the process (``until_sigterm`` false: sleep 600 s) or sends SIGTERM (``until_sigterm``
+    true: wait up to 120 s until the trainer has received it). Does nothing when the variable is
+    unset or the file exists.
 
     Args:
         epoch: Training epoch (0-based).
         batch: Batch index within the epoch.
         env: Environment variable holding the marker path.
+        until_sigterm: Wait for the trainer's SIGTERM instead of sleeping until killed.
     """
 
-    def __init__(self, epoch: int, batch: int, env: str = "MOSEAR_TEST_HANG_MARKER") -> None:
-        self.epoch, self.batch, self.env = epoch, batch, env
+    def __init__(
+        self,
+        epoch: int,
+        batch: int,
+        env: str = "MOSEAR_TEST_HANG_MARKER",
+        until_sigterm: bool = False,
+    ) -> None:
+        self.epoch, self.batch, self.env, self.until_sigterm = epoch, batch, env, until_sigterm
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -97,36 +106,15 @@ class HangAt(Callback):
         marker = os.environ.get(self.env)
         if not marker or Path(marker).exists():
             return
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            Path(marker).write_text(f"{trainer.global_step}\n")
+        if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+            return
+        Path(marker).write_text(f"{trainer.global_step}\n")
+        if not self.until_sigterm:
             time.sleep(600)
-
-
-class AwaitSigtermAt(Callback):
-    """At ``(epoch, batch)``, create the file named by ``$<env>`` and wait (up to 120 s) until
-    the trainer has received SIGTERM: the parent test sends it there. Does nothing when the
-    variable is unset or the file exists.
-
-    Args:
-        epoch: Training epoch (0-based).
-        batch: Batch index within the epoch.
-        env: Environment variable holding the marker path.
-    """
-
-    def __init__(self, epoch: int, batch: int, env: str = "MOSEAR_TEST_SIGTERM_MARKER") -> None:
-        self.epoch, self.batch, self.env = epoch, batch, env
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        marker = os.environ.get(self.env)
-        if not marker or Path(marker).exists():
             return
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            Path(marker).write_text(f"{trainer.global_step}\n")
-            deadline = time.monotonic() + 120
-            while not trainer.received_sigterm and time.monotonic() < deadline:
-                time.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class NanFeaturesAt(Callback):

@@ -242,3 +242,8 @@ def test_a_logger_given_twice_is_a_one_line_error(workdir, capsys):
     tracking = str(REPO / "conf/tracking/mlflow.yaml")
     argv = ["fit", "--config", str(TINY_CONFIG), "--tracking", tracking]
     assert "the logger is given twice" in expect_user_error(capsys, argv)
+
+
+def test_the_old_logger_override_names_the_tracking_group(workdir, capsys):
+    argv = ["fit", "--trainer.logger.init_args.experiment_name", "x", "--print_config"]
+    assert "--tracking.logger.init_args.<key>" in expect_user_error(capsys, argv)

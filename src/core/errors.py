@@ -77,8 +77,28 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+#: (words an argument error contains, what to add): known slips of the config groups.
+ARGUMENT_HINTS = (
+    (
+        ("trainer.logger", "is abstract"),
+        "the conf/ experiments set the logger in the tracking group: use "
+        "--tracking.logger.init_args.<key> (conf/tracking/mlflow.yaml)",
+    ),
+)
+
+
+def with_hint(text: str) -> str:
+    """``text`` plus the hint of the first :data:`ARGUMENT_HINTS` entry it matches."""
+    for words, hint in ARGUMENT_HINTS:
+        if all(word in text for word in words):
+            return f"{text}; {hint}"
+    return text
+
+
 def report_user_error(err: BaseException, prog: str = "python -m src.cli") -> int:
     """Print ``err`` as one line on stderr; returns :data:`USER_ERROR_EXIT`."""
-    text = condense_argument_error(str(err)) if not isinstance(err, UserError) else str(err)
+    text = (
+        with_hint(condense_argument_error(str(err))) if not isinstance(err, UserError) else str(err)
+    )
     print(f"{prog}: error: {one_line(text)}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT

@@ -29,8 +29,13 @@ HANG = {
     "init_args": {"epoch": 2, "batch": 1},
 }
 SIGTERM_AT = {
-    "class_path": "tests.fault_injection.AwaitSigtermAt",
-    "init_args": {"epoch": 1, "batch": 1},
+    "class_path": "tests.fault_injection.HangAt",
+    "init_args": {
+        "epoch": 1,
+        "batch": 1,
+        "env": "MOSEAR_TEST_SIGTERM_MARKER",
+        "until_sigterm": True,
+    },
 }
 STEPS_PER_EPOCH = 3  # 48 training samples, batch size 16
 
