@@ -16,6 +16,7 @@ accuracy (``ablation.md``, ``ablation.csv``, ``ablation.png``, also logged to ML
 
     python experiments/ablation.py                                  # every world, 3 seeds
     python experiments/ablation.py --worlds token_imbalance --seeds 0 --epochs 2 --jobs 2
+    python experiments/ablation.py --summarise_only        # tables of what has finished so far
 
 A world is a name under ``conf/data/worlds/`` (``null``, ``information``, ``token_imbalance``,
 ``prior``, ``optimisation``), ``synthetic`` (``conf/data/camer_synthetic.yaml``) or a path to a
@@ -316,6 +317,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default="ablation")
     parser.add_argument("--output", default="outputs/ablation")
     parser.add_argument(
+        "--summarise_only",
+        action="store_true",
+        help="run nothing: summarise the finished runs of the planned grid (the table's n column "
+        "says how many seeds each row has)",
+    )
+    parser.add_argument(
         "--override",
         nargs=argparse.REMAINDER,
         default=[],
@@ -333,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking_uri = resolve_tracking_uri(None, "mlruns")
     jobs = plan(args)
-    execute(jobs, args, tracking_uri)
+    if args.summarise_only:
+        missing = [j.key for j in jobs if not j.done]
+        if missing:
+            print(f"ablation: {len(missing)} runs not finished, left out: {', '.join(missing)}")
+    else:
+        execute(jobs, args, tracking_uri)
     rows = summarise(jobs)
     if not rows:
         print("ablation: no finished run to summarise", file=sys.stderr)

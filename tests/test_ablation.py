@@ -52,3 +52,9 @@ def test_ablation_runs_every_method_and_resumes(workdir):
     second = ablation(workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "6 runs, 6 already finished (skipped), 0 to run" in second.stdout
+    # --summarise_only runs nothing and names what is missing from the planned grid.
+    partial = ablation(workdir, "--seeds", "0", "1", "--summarise_only")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "6 runs not finished, left out: world_tiny/lora/seed1" in partial.stdout
+    assert not (runs / "lora" / "seed1").exists()
+    assert "| world_tiny | LoRA | 1 |" in (workdir / "abl" / "ablation.md").read_text()
