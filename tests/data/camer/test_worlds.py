@@ -232,8 +232,10 @@ def test_equal_information_worlds_have_equal_information(tmp_path, name):
     info = json.loads((root / BAYES_FILE).read_text())["likelihood"]
     assert info["audio"]["information"] == pytest.approx(info["visual"]["information"], rel=1e-3)
     if name == "token_imbalance":
-        assert info["visual"]["evidence_rows"] == 4
+        # Diffuse visual evidence (half of 32 weak rows) against one concentrated audio token.
+        assert info["visual"]["evidence_rows"] == 16
         assert sum(s.tokens for s in streams if s.modality == "visual") == 32
+        assert sum(s.tokens for s in streams if s.modality == "audio") == 1
 
 
 def test_information_world_keeps_the_original_bytes(tmp_path):
