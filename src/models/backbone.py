@@ -24,7 +24,7 @@ def build_backbone(
     config: dict[str, Any] | None = None,
     vocab_size: int | None = None,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     seed: int = 0,
 ) -> PreTrainedModel:
     """A frozen ``AutoModelForCausalLM``.
@@ -36,7 +36,9 @@ def build_backbone(
             randomly initialised model, e.g. the tiny demo backbone.
         vocab_size: Vocabulary size of the tokenizer, used with ``config``.
         dtype: Parameter dtype.
-        attn_implementation: transformers attention implementation (``sdpa``, ``eager``, ...).
+        attn_implementation: transformers attention implementation (``sdpa``, ``eager``, ...);
+            ``None``: the family's default (``sdpa`` where the family supports it, else
+            ``eager``, e.g. Gemma2, whose logit softcapping SDPA cannot do).
         seed: Seed of the random initialisation with ``config``: the frozen backbone must be the
             same in every process and every run, since checkpoints hold trainable weights only.
     """

@@ -30,7 +30,8 @@ class EmotionLLMModule(L.LightningModule):
         backbone_config: Model config kwargs for a randomly initialised backbone (tiny demo).
         backbone_seed: Seed of that random initialisation (the frozen weights are not saved).
         dtype: Backbone dtype (``float32``, ``bfloat16``).
-        attn_implementation: transformers attention implementation of the backbone.
+        attn_implementation: transformers attention implementation of the backbone (``None``:
+            the family's default, ``sdpa`` where supported).
         adapter: The trainable adapter (plain LoRA, MoSE, or none).
         projector_hidden: Hidden width of MLP projectors (``None``: linear, as Emotion-LLaMA).
         length_normalize: Score labels by mean instead of summed token log-likelihood.
@@ -53,7 +54,7 @@ class EmotionLLMModule(L.LightningModule):
         backbone_config: dict[str, PlainValue] | None = None,
         backbone_seed: int = 0,
         dtype: str = "float32",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
         adapter: Adapter | None = None,
         projector_hidden: int | None = None,
         length_normalize: bool = False,
