@@ -68,7 +68,7 @@ class MultimodalEmotionLLM(nn.Module):
         embeds = self.backbone.get_input_embeddings()(input_ids)
         for index, stream in enumerate(self.streams):
             mask = stream_ids == index
-            projected = self.projectors[stream.name](features[stream.name].to(embeds.dtype))
+            projected = self.projectors[stream.name](features[stream.name])
             if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
                 raise ValueError(
                     f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "
