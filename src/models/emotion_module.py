@@ -34,7 +34,8 @@ class EmotionLLMModule(L.LightningModule):
             the family's default, ``sdpa`` where supported).
         adapter: The trainable adapter (plain LoRA, MoSE, or none).
         projector_hidden: Hidden width of MLP projectors (``None``: linear, as Emotion-LLaMA).
-        length_normalize: Score labels by mean instead of summed token log-likelihood.
+        length_normalize: Score labels by mean instead of summed token log-likelihood
+            (``None``: when the label answers differ in length, i.e. real tokenizers).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear learning-rate warm-up steps.
@@ -57,7 +58,7 @@ class EmotionLLMModule(L.LightningModule):
         attn_implementation: str | None = None,
         adapter: Adapter | None = None,
         projector_hidden: int | None = None,
-        length_normalize: bool = False,
+        length_normalize: bool | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
