@@ -1,7 +1,7 @@
 """``python -m src.cli``: LightningCLI subcommands (fit, validate, test, predict) plus extra ones.
 
-With no ``--config``, ``conf/default.yaml`` (the embedded CPU demo) is used. After ``fit`` the best
-checkpoint is tested on the test split (turn off with ``--test_after_fit false``).
+With no ``--config`` (or ``-c``), ``conf/default.yaml`` (the embedded CPU demo) is used. After
+``fit`` the best checkpoint is tested on the test split (turn off with ``--test_after_fit false``).
 """
 
 import importlib
@@ -22,12 +22,13 @@ if TYPE_CHECKING:
     from src.lightning_cli import MoSEARCLI
 
 
+def _is_config_option(arg: str) -> bool:
+    """``--config X``, ``--config=X`` or the short forms ``-c X``, ``-c=X``, ``-cX``."""
+    return arg.startswith("--config") or (arg.startswith("-c") and not arg.startswith("--"))
+
+
 def _with_default_config(argv: list[str]) -> list[str]:
-    if (
-        argv
-        and argv[0] in LIGHTNING_SUBCOMMANDS
-        and not any(a == "-c" or a.startswith("--config") for a in argv)
-    ):
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS and not any(map(_is_config_option, argv)):
         return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
     return argv
 

@@ -48,7 +48,8 @@ def test_a_union_dump_is_condensed_to_the_key_and_the_cause(workdir, capsys):
     )
 
 
-def test_missing_folders_and_hub_ids_name_the_option(workdir, capsys):
+def test_missing_folders_and_hub_ids_name_the_option(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(workdir / "empty_hf_cache"))
     config = str(tiny_config(workdir, data={"synthetic": SMALL}))
     hub = [
         "--model.init_args.backbone_config",
@@ -57,7 +58,8 @@ def test_missing_folders_and_hub_ids_name_the_option(workdir, capsys):
         "meta-llama/Llama-2-7b-hf",
     ]
     line = expect_user_error(capsys, ["fit", "--config", config, *hub])
-    assert "model.backbone_path 'meta-llama/Llama-2-7b-hf' is not a local directory" in line
+    assert "model.backbone_path 'meta-llama/Llama-2-7b-hf' is neither a local directory" in line
+    assert "`hf download" in line and "huggingface-cli" not in line
     (workdir / "data" / "camer_tiny" / "tokenizer" / "tokenizer.json").unlink()
     (workdir / "data" / "camer_tiny" / "tokenizer" / "tokenizer_config.json").unlink()
     line = expect_user_error(capsys, ["fit", "--config", config])

@@ -38,6 +38,7 @@ from src.metrics.closed_set import EmotionMetrics
 from src.models.attention.calibration import Calibration, read_record
 from src.models.attention.conflict_gate import conflict_gate
 from src.models.attention.interface import (
+    check_switchable,
     install_reallocator,
     restore_attention,
     unique_name,
@@ -136,6 +137,12 @@ class AttentionReallocation(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._deactivate()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before fit too: a backbone AR cannot switch is refused before the training, not after.
+        model = getattr(pl_module, "model", None)
+        if hasattr(model, "backbone"):
+            check_switchable(model.backbone)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # AR is inference-only: make sure nothing is left switched on when training begins.

@@ -42,6 +42,9 @@ class EmotionDataModule(L.LightningDataModule):
         on_error: ``raise`` stops at the first bad sample; ``skip`` drops it and lists it in
             :attr:`skipped` (logged to MLflow by the module as ``skipped_samples.csv``).
         templates: Prompt templates per task (default: Emotion-LLaMA style).
+        prompt_format: ``auto`` (the tokenizer's chat template when it has one and ``templates``
+            is unset, else Llama-2's ``[INST]``), ``chat`` or ``inst``
+            (:class:`~src.data.components.prompt.PromptBuilder`).
         shuffle_seed: Seed of the training order; epoch ``e`` uses ``shuffle_seed + e`` whatever
             happened before, so a run resumed from a checkpoint sees the same batches.
         source: ``features`` reads the feature store (``<root>/<feature_dir>/<name>.npy``);
@@ -68,6 +71,7 @@ class EmotionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
+        prompt_format: Literal["auto", "chat", "inst"] = "auto",
         shuffle_seed: int = 0,
         source: Literal["features", "media"] = "features",
         media: MediaSpec | None = None,
@@ -85,6 +89,7 @@ class EmotionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.on_error = on_error
         self.templates = templates
+        self.prompt_format = prompt_format
         self.shuffle_seed = shuffle_seed
         self.source = source
         self.media = media or MediaSpec()
@@ -154,6 +159,7 @@ class EmotionDataModule(L.LightningDataModule):
                 self.streams,
                 self.label_names,
                 self.templates,
+                self.prompt_format,
             )
             self._collator = EmotionCollator(builder)
         return self._collator

@@ -131,6 +131,7 @@ class ClipsDataModule(EmotionDataModule):
         on_error: ``raise``: a clip that cannot be decoded stops the run with its file and
             field; ``skip``: it is listed in :attr:`skipped` and in the report.
         templates: Prompt templates per task (the training ones).
+        prompt_format: ``auto``, ``chat`` or ``inst``, as in training.
         media: Decoding settings: frame sampling, frame size, audio rate (the training ones;
             ``video_dir``/``audio_dir`` are ignored).
         media_check: What :meth:`setup` checks of every clip: ``probe`` (headers), ``decode``
@@ -154,6 +155,7 @@ class ClipsDataModule(EmotionDataModule):
         num_workers: int = 0,
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
+        prompt_format: Literal["auto", "chat", "inst"] = "auto",
         media: MediaSpec | None = None,
         media_check: Literal["none", "probe", "decode"] = "probe",
     ) -> None:
@@ -170,6 +172,7 @@ class ClipsDataModule(EmotionDataModule):
             num_workers=num_workers,
             on_error=on_error,
             templates=templates,
+            prompt_format=prompt_format,
             source="media",  # always: raw clips through the model's encoders
             media=media,
             media_check=media_check,
@@ -217,7 +220,11 @@ class ClipsDataModule(EmotionDataModule):
     def collator(self) -> EmotionCollator:
         if self._collator is None:
             builder = PromptBuilder(
-                load_tokenizer(self.tokenizer_path), self.streams, self.label_names, self.templates
+                load_tokenizer(self.tokenizer_path),
+                self.streams,
+                self.label_names,
+                self.templates,
+                self.prompt_format,
             )
             self._collator = ClipsCollator(builder)
         return self._collator

@@ -1,12 +1,11 @@
 """Builds the frozen causal-LM backbone: from a local checkpoint directory or from a config."""
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from src.core.errors import MissingInputError
+from src.io.local_weights import resolve_local
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,19 +23,21 @@ def build_backbone(
     config: dict[str, Any] | None = None,
     vocab_size: int | None = None,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     seed: int = 0,
 ) -> PreTrainedModel:
     """A frozen ``AutoModelForCausalLM``.
 
     Args:
-        path: Local checkpoint directory (LLaMA-2-7B, Emotion-LLaMA, ...). Never a hub id:
-            nothing is downloaded.
+        path: Local checkpoint directory (LLaMA-2-7B, Emotion-LLaMA, ...), or a hub id of a
+            model already in the local Hugging Face cache (``HF_HOME``): nothing is downloaded.
         config: Keyword arguments of a model config (``model_type`` defaults to ``llama``) for a
             randomly initialised model, e.g. the tiny demo backbone.
         vocab_size: Vocabulary size of the tokenizer, used with ``config``.
         dtype: Parameter dtype.
-        attn_implementation: transformers attention implementation (``sdpa``, ``eager``, ...).
+        attn_implementation: transformers attention implementation (``sdpa``, ``eager``, ...);
+            ``None``: the family's default (``sdpa`` where the family supports it, else
+            ``eager``, e.g. Gemma2, whose logit softcapping SDPA cannot do).
         seed: Seed of the random initialisation with ``config``: the frozen backbone must be the
             same in every process and every run, since checkpoints hold trainable weights only.
     """
@@ -46,15 +47,8 @@ def build_backbone(
         )
     torch_dtype = resolve_dtype(dtype)
     if path is not None:
-        if not Path(path).is_dir():
-            raise MissingInputError(
-                f"model.backbone_path {path!r} is not a local directory. Weights are only read "
-                "from "
-                "local directories (nothing is downloaded): fetch the checkpoint on a machine with "
-                "network, "
-                "e.g. `huggingface-cli download <repo id> --local-dir /models/<name>`, then set "
-                "model.backbone_path (and data.tokenizer) to that directory."
-            )
+        # A directory, or a hub id already in the local Hugging Face cache (never downloaded).
+        path = str(resolve_local(path, "model.backbone_path"))
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
         )

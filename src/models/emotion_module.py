@@ -30,10 +30,12 @@ class EmotionLLMModule(L.LightningModule):
         backbone_config: Model config kwargs for a randomly initialised backbone (tiny demo).
         backbone_seed: Seed of that random initialisation (the frozen weights are not saved).
         dtype: Backbone dtype (``float32``, ``bfloat16``).
-        attn_implementation: transformers attention implementation of the backbone.
+        attn_implementation: transformers attention implementation of the backbone (``None``:
+            the family's default, ``sdpa`` where supported).
         adapter: The trainable adapter (plain LoRA, MoSE, or none).
         projector_hidden: Hidden width of MLP projectors (``None``: linear, as Emotion-LLaMA).
-        length_normalize: Score labels by mean instead of summed token log-likelihood.
+        length_normalize: Score labels by mean instead of summed token log-likelihood
+            (``None``: when the label answers differ in length, i.e. real tokenizers).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear learning-rate warm-up steps.
@@ -53,10 +55,10 @@ class EmotionLLMModule(L.LightningModule):
         backbone_config: dict[str, PlainValue] | None = None,
         backbone_seed: int = 0,
         dtype: str = "float32",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
         adapter: Adapter | None = None,
         projector_hidden: int | None = None,
-        length_normalize: bool = False,
+        length_normalize: bool | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,

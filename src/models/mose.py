@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.core.modality import Modality
+from src.models.adapters.targets import linear_features
 from src.models.modality_context import ModalityContext
 from src.models.modality_weights import FixedModalityWeights, ModalityWeights
 from src.models.mose_regularizer import LayerRecord
@@ -149,7 +150,9 @@ class MoSELinear(nn.Module):
     """A frozen linear layer plus modality-specific LoRA experts with a shared ``A``.
 
     Args:
-        base_layer: The backbone's ``nn.Linear``; it is frozen and kept as ``base_layer``.
+        base_layer: The backbone's ``nn.Linear`` (or transformers ``Conv1D``, GPT-2's transposed
+            linear); it is frozen and kept as ``base_layer``. A fused projection (``qkv_proj``,
+            ``query_key_value``, ``c_attn``) is adapted whole, as peft's LoRA adapts it.
         context: Where the batch's ``modality_ids`` are bound during the forward.
         rank: Rank ``r`` of the shared ``A`` (and of every expert ``B``).
         alpha: LoRA ``alpha``; the adapter output is scaled by ``alpha / rank``.
@@ -178,7 +181,7 @@ class MoSELinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         context: ModalityContext,
         *,
         rank: int = 8,
@@ -197,8 +200,11 @@ class MoSELinear(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"MoSELinear wraps nn.Linear, got {type(base_layer).__name__}")
+        features = linear_features(base_layer)
+        if features is None:
+            raise TypeError(
+                f"MoSELinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}"
+            )
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if text_mode not in TEXT_MODES:
@@ -225,7 +231,7 @@ class MoSELinear(nn.Module):
 
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = features
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.top_k, self.gate_input, self.text_mode = top_k, gate_input, text_mode
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -560,14 +566,14 @@ def inject_mose(
         index = _layer_index(name)
         if wanted is not None and index not in wanted:
             continue
-        if not isinstance(module, nn.Linear):
+        if linear_features(module) is None:
             raise TypeError(
-                f"inject_mose: {name} is a {type(module).__name__}, not nn.Linear; "
+                f"inject_mose: {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
                 "MoSE adapts linear layers only"
             )
         matches.append((name, module))
     if not matches:
-        sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        sample = [n for n, m in model.named_modules() if linear_features(m) is not None][:8]
         raise ValueError(
             f"inject_mose: no nn.Linear named {sorted(targets)} (layers={layers}) in "
             f"{type(model).__name__}; linear modules look like {sample}"

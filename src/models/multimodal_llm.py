@@ -30,7 +30,9 @@ class MultimodalEmotionLLM(nn.Module):
         labels: Label words in class order (closed-set candidates).
         projector_hidden: Hidden width of MLP projectors; ``None`` for linear projectors.
         length_normalize: Score a label by its mean token log-likelihood instead of the sum
-            (matters for multi-token label words of real tokenizers).
+            (matters for multi-token label words of real tokenizers); ``None``: on when the
+            label answers differ in length (real tokenizers), off when every label is one token
+            (the demo's word-level tokenizer).
     """
 
     def __init__(
@@ -40,14 +42,13 @@ class MultimodalEmotionLLM(nn.Module):
         streams: Sequence[StreamSpec],
         labels: Sequence[str],
         projector_hidden: int | None = None,
-        length_normalize: bool = False,
+        length_normalize: bool | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.streams = list(streams)
         self.labels = list(labels)
-        self.length_normalize = length_normalize
         self.modality_context = ModalityContext()
         hidden = backbone.get_input_embeddings().embedding_dim
         self.projectors = nn.ModuleDict(
@@ -58,6 +59,9 @@ class MultimodalEmotionLLM(nn.Module):
         )
         # Refuses label words the tokenizer encodes alike (e.g. unknown words -> <unk>).
         self.label_answer_ids = label_answer_ids(tokenizer, self.labels)
+        if length_normalize is None:
+            length_normalize = len({len(ids) for ids in self.label_answer_ids}) > 1
+        self.length_normalize = length_normalize
         self._answer_trees = {"cpu": AnswerTree.build(self.label_answer_ids)}
 
     # ----------------------------------------------------------------------------- embeddings
@@ -68,7 +72,7 @@ class MultimodalEmotionLLM(nn.Module):
         embeds = self.backbone.get_input_embeddings()(input_ids)
         for index, stream in enumerate(self.streams):
             mask = stream_ids == index
-            projected = self.projectors[stream.name](features[stream.name].to(embeds.dtype))
+            projected = self.projectors[stream.name](features[stream.name])
             if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
                 raise ValueError(
                     f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "

@@ -39,6 +39,9 @@ class FeatureProjector(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The projector trains in its own dtype (float32) whatever the frozen backbone's
+        # (``dtype: bfloat16`` without autocast); the caller casts the result to the embeddings.
+        x = x.to(next(self.net.parameters()).dtype)
         if self.sequence:
             if x.ndim != 3 or x.shape[1] != self.tokens:
                 raise ValueError(

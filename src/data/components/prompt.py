@@ -3,12 +3,19 @@
 The template is text with placeholders: ``{<stream name>}`` for each stream's feature tokens,
 ``{subtitle}`` and ``{labels}`` (the label list). Literal text is tokenised; each stream
 placeholder becomes ``stream.tokens`` positions whose embeddings the model's projectors fill.
+
+Prompts are written as the backbone saw text in pre-training: with the tokenizer's own chat
+template when it has one (Qwen, Llama-3, Phi-3, Gemma instruct checkpoints), else Llama-2's
+``[INST]`` format (Emotion-LLaMA-style checkpoints, the demo's tokenizer). Answers (label words,
+reasoning) are tokenized as they appear in running text after the answer prefix ``answer :``, so
+a byte-level BPE scores ``Ġangry`` (one token), not ``a`` + ``ngry``.
 """
 
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from string import Formatter
+from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -31,6 +38,65 @@ DEFAULT_TEMPLATES: dict[str, str] = {
 }
 
 
+#: The text every answer follows: the end of the emotion prompt (in both prompt formats).
+ANSWER_PREFIX = "answer :"
+
+#: The instructions of :data:`DEFAULT_TEMPLATES` as the user turn of a chat template; the
+#: assistant turn then starts with the task's answer prefix.
+CHAT_INSTRUCTIONS: dict[str, str] = {
+    "emotion": (
+        "<video> {face} {video} </video> <audio> {audio} </audio> the person in video says : "
+        "{subtitle} which emotion does the person show ? choose one of : {labels} ."
+    ),
+    "reason": (
+        "<video> {face} {video} </video> <audio> {audio} </audio> the person in video says : "
+        "{subtitle} describe the emotional cues in the video and audio and infer the emotion of "
+        "the person ."
+    ),
+}
+CHAT_ANSWER_PREFIXES: dict[str, str] = {"emotion": ANSWER_PREFIX, "reason": ""}
+
+PromptFormat = Literal["auto", "chat", "inst"]
+_SENTINEL = "MOSEAR_PROMPT_CONTENT"
+
+
+def chat_templates(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """:data:`CHAT_INSTRUCTIONS` wrapped in the tokenizer's chat template (one user turn and the
+    generation prompt), followed by each task's answer prefix; BOS is left to the builder."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: use "
+            "data.prompt_format inst (or auto)"
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+    )
+    prefix, suffix = rendered.split(_SENTINEL)
+    bos = tokenizer.bos_token
+    if bos and prefix.startswith(bos):
+        prefix = prefix[len(bos) :]  # the builder adds BOS itself
+
+    def escape(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    return {
+        task: escape(prefix) + instruction + escape(suffix) + CHAT_ANSWER_PREFIXES[task]
+        for task, instruction in CHAT_INSTRUCTIONS.items()
+    }
+
+
+def uses_chat_template(
+    tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, templates: object
+) -> bool:
+    """Whether prompts go through the chat template: ``chat``, or ``auto`` with the default
+    templates and a tokenizer that has one."""
+    if prompt_format not in ("auto", "chat", "inst"):
+        raise InvalidInputError(f"data.prompt_format: {prompt_format!r} is not auto, chat or inst")
+    if prompt_format == "auto":
+        return templates is None and bool(getattr(tokenizer, "chat_template", None))
+    return prompt_format == "chat"
+
+
 @dataclass
 class EncodedPrompt:
     """Token ids of one prompt with, per position, its modality and its stream (-1 for text)."""
@@ -48,6 +114,8 @@ class PromptBuilder:
         streams: Feature streams; each must appear exactly once in every template.
         labels: Label words listed in the instruction.
         templates: Prompt template per task (``emotion``, ``reason``).
+        prompt_format: ``auto``: the tokenizer's chat template when it has one and
+            ``templates`` is unset, else ``[INST]``; ``chat`` or ``inst`` to force one.
     """
 
     def __init__(
@@ -56,12 +124,18 @@ class PromptBuilder:
         streams: list[StreamSpec],
         labels: list[str],
         templates: dict[str, str] | None = None,
+        prompt_format: PromptFormat = "auto",
     ) -> None:
         self.tokenizer = tokenizer
         self.streams = list(streams)
         self.labels = list(labels)
         label_answer_ids(tokenizer, self.labels)  # refuses labels the tokenizer cannot tell apart
-        self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
+        #: Whether the prompts are the tokenizer's chat template (whitespace is then kept).
+        self.chat = uses_chat_template(tokenizer, prompt_format, templates)
+        if self.chat:
+            self.templates = {**chat_templates(tokenizer), **(templates or {})}
+        else:
+            self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
         self._stream_index = {s.name: i for i, s in enumerate(self.streams)}
         for task, template in self.templates.items():
             fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
@@ -75,7 +149,9 @@ class PromptBuilder:
                 raise ValueError(f"prompt template {task!r} has unknown placeholders {unknown}")
 
     def _text_ids(self, text: str) -> list[int]:
-        text = " ".join(text.split())
+        # A chat template's newlines and special tokens are kept; only the spaces next to the
+        # feature placeholders go. The [INST] format joins words by single spaces.
+        text = text.strip(" ") if self.chat else " ".join(text.split())
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def encode(self, subtitle: str, task: str = "emotion") -> EncodedPrompt:
@@ -90,18 +166,28 @@ class PromptBuilder:
             modality.append(int(Modality.TEXT))
             stream_ids.append(-1)
         placeholder = self.tokenizer.pad_token_id
-        values = {"subtitle": subtitle, "labels": " , ".join(self.labels)}
+        values = {"subtitle": " ".join(subtitle.split()), "labels": " , ".join(self.labels)}
+        # Text between two feature placeholders (literals, subtitle, labels) is tokenized in
+        # one piece, as running text.
+        text = ""
         for literal, field, _, _ in Formatter().parse(self.templates[task]):
-            text = literal + (values[field] if field in values else "")
-            piece = self._text_ids(text)
-            ids += piece
-            modality += [int(Modality.TEXT)] * len(piece)
-            stream_ids += [-1] * len(piece)
+            text += literal + (values[field] if field in values else "")
+            if field in self._stream_index or field is None:
+                piece = self._text_ids(text)
+                text = ""
+                ids += piece
+                modality += [int(Modality.TEXT)] * len(piece)
+                stream_ids += [-1] * len(piece)
             if field in self._stream_index:
                 stream = self.streams[self._stream_index[field]]
                 ids += [placeholder] * stream.tokens
                 modality += [int(stream.modality_id)] * stream.tokens
                 stream_ids += [self._stream_index[field]] * stream.tokens
+        if text:  # a template ending in {subtitle} or {labels}
+            piece = self._text_ids(text)
+            ids += piece
+            modality += [int(Modality.TEXT)] * len(piece)
+            stream_ids += [-1] * len(piece)
         return EncodedPrompt(ids, modality, stream_ids)
 
     def answer_ids(self, text: str) -> list[int]:
@@ -109,10 +195,21 @@ class PromptBuilder:
         return encode_answer(self.tokenizer, text)
 
 
-def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of an answer (a label word or a reasoning text) followed by EOS."""
+def encode_answer(
+    tokenizer: PreTrainedTokenizerBase, text: str, context: str = ANSWER_PREFIX
+) -> list[int]:
+    """Token ids of an answer (a label word or a reasoning text) followed by EOS, as the answer
+    is tokenized in running text after ``context`` (one space between them): a byte-level BPE
+    gives ``Ġangry``, a SentencePiece ``▁angry``, a word-level tokenizer ``angry``."""
     text = " ".join(text.split())
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not text:
+        raise ValueError("an answer must not be empty")
+    before = tokenizer(context, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(f"{context} {text}", add_special_tokens=False)["input_ids"]
+    if joined[: len(before)] == before:
+        ids = joined[len(before) :]
+    else:  # the context's last token merged with the answer's first: the answer alone
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("an answer must not be empty")
     return ids + [tokenizer.eos_token_id]

@@ -13,7 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from src.core.errors import InvalidInputError, MissingInputError
+from src.core.errors import InvalidInputError
+from src.io.local_weights import resolve_local
 
 SPECIAL_TOKENS: dict[str, str] = {
     "pad_token": "<pad>",
@@ -40,15 +41,10 @@ def build_word_tokenizer(words: Iterable[str], save_dir: str | Path) -> PreTrain
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory; a hub id or missing folder fails with advice."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MissingInputError(
-            f"data.tokenizer_path: tokenizer directory {str(path)!r} does not exist. Weights "
-            "and tokenizers are only read "
-            "from local directories: download the checkpoint (e.g. `huggingface-cli download <id> "
-            "--local-dir <dir>` on a machine with network) and set the config to that directory."
-        )
+    """Load a tokenizer from a local directory or a hub id in the local Hugging Face cache; a
+    missing one fails in one line saying how to get it (``hf download``)."""
+    # A directory, or a hub id already in the local Hugging Face cache (never downloaded).
+    path = resolve_local(path, "data.tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:  # missing, empty or corrupt tokenizer files

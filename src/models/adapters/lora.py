@@ -8,6 +8,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from src.models.adapters.base import Adapter
+from src.models.adapters.targets import check_target_modules, resolve_targets
 
 if TYPE_CHECKING:  # pragma: no cover
     from src.models.multimodal_llm import MultimodalEmotionLLM
@@ -20,7 +21,10 @@ class LoRAAdapter(Adapter):
         r: LoRA rank.
         alpha: LoRA alpha (the update is scaled by ``alpha / r``).
         dropout: Dropout on the LoRA input.
-        target_modules: Module names to adapt (``q_proj``, ``v_proj`` as Emotion-LLaMA).
+        target_modules: Module names to adapt; ``None``: the backbone family's default (peft's
+            mapping: ``q_proj``/``v_proj`` for Llama as Emotion-LLaMA, ``query_key_value`` for
+            GPT-NeoX, ``c_attn`` for GPT-2, ...); ``all-linear``: every linear layer but the
+            head (:mod:`src.models.adapters.targets`).
         layers: Layer indices to adapt; ``None`` for all.
     """
 
@@ -29,19 +33,24 @@ class LoRAAdapter(Adapter):
         r: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.05,
-        target_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006 - jsonargparse default
+        target_modules: list[str] | str | None = None,
         layers: list[int] | None = None,
     ) -> None:
-        self.config = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=list(target_modules),
-            layers_to_transform=layers,
-            bias="none",
-        )
+        check_target_modules(target_modules)
+        self.target_modules = target_modules
+        self.settings = {
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": dropout,
+            "layers_to_transform": layers,
+            "bias": "none",
+        }
+        # Fail at config time, not after the backbone is loaded (targets are resolved then).
+        self.config = LoraConfig(target_modules=["placeholder"], **self.settings)
 
     def apply(self, llm: "MultimodalEmotionLLM") -> None:
+        targets = resolve_targets(llm.backbone, self.target_modules)
+        self.config = LoraConfig(target_modules=targets, **self.settings)
         # inject_adapter_in_model keeps the backbone's own class (no PeftModel wrapper), so
         # generate(), set_attn_implementation() and the attention interface work unchanged.
         llm.backbone = inject_adapter_in_model(self.config, llm.backbone)

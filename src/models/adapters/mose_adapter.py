@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from src.models.adapters.base import Adapter
+from src.models.adapters.targets import check_target_modules, resolve_targets
 from src.models.modality_context import ModalityContext
 from src.models.modality_weights import (
     DominanceModalityWeights,
@@ -59,7 +60,11 @@ class MoSEAdapter(Adapter):
             experts, renormalised.
         gate_input: The gate reads the token's hidden input (``"hidden"``) or ``A x``
             (``"shared_a"``).
-        target_modules: Names of the linear layers to adapt (last path component).
+        target_modules: Names of the linear layers to adapt (last path component); ``None``:
+            the backbone family's default (peft's mapping, as :class:`LoRAAdapter`);
+            ``all-linear``: every linear layer but the head. Fused projections (Phi-3
+            ``qkv_proj``, GPT-NeoX/Falcon ``query_key_value``, GPT-2's ``Conv1D`` ``c_attn``)
+            are adapted whole, as peft's LoRA adapts them.
         layers: Transformer layer indices to adapt; ``None`` = all.
         balance_loss: Within-modality balancing: ``"cv2"`` (LoRAMoE / Shazeer) or ``"switch"``.
         balance_weight: Weight of the within-modality balancing term in the gating loss.
@@ -96,7 +101,7 @@ class MoSEAdapter(Adapter):
         text_mode: Literal["experts", "lora", "none"] = "lora",
         top_k: int | None = None,
         gate_input: Literal["hidden", "shared_a"] = "hidden",
-        target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+        target_modules: list[str] | str | None = None,
         layers: list[int] | None = None,
         balance_loss: Literal["cv2", "switch"] = "cv2",
         balance_weight: float = 0.01,
@@ -130,7 +135,12 @@ class MoSEAdapter(Adapter):
         }
         # Fail at config time, not after the backbone is loaded: build one throw-away layer.
         MoSELinear(nn.Linear(2, 2), ModalityContext(), **self.layer_kwargs)
-        self.target_modules = tuple(target_modules)
+        check_target_modules(target_modules)
+        self.target_modules = (
+            target_modules if isinstance(target_modules, str | None) else tuple(target_modules)
+        )
+        #: The names adapted, resolved against the backbone by :meth:`apply`.
+        self.resolved_targets: list[str] = []
         self.layers = None if layers is None else list(layers)
         self.gate_loss = MoSEGateLoss(balance_loss, balance_weight, modality_balance_weight)
         self.weighting = modality_weighting
@@ -174,10 +184,11 @@ class MoSEAdapter(Adapter):
     def apply(self, llm: "MultimodalEmotionLLM") -> None:
         if self.mose_layers:
             raise RuntimeError("MoSEAdapter.apply was already called; build a new adapter")
+        self.resolved_targets = resolve_targets(llm.backbone, self.target_modules)
         self.mose_layers = inject_mose(
             llm.backbone,
             llm.modality_context,
-            target_modules=self.target_modules,
+            target_modules=self.resolved_targets,
             layers=self.layers,
             # Without weight_outputs the forward keeps weight 1; the weights drive the LR only.
             modality_weights=self.weights if self.weight_outputs else None,
@@ -246,7 +257,7 @@ class MoSEAdapter(Adapter):
         settings = {
             "format": MOSE_EXPORT_FORMAT,
             "layer_kwargs": self.layer_kwargs,
-            "target_modules": list(self.target_modules),
+            "target_modules": list(self.resolved_targets),
             "layers": self.layers,
             "layer_names": self.layer_names,
             "modality_weighting": self.weighting,

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from src.core.errors import InvalidInputError
 from src.models.attention.reallocator import Reallocator
 
 _ACTIVE: dict[str, Reallocator] = {}
@@ -31,6 +32,27 @@ def unwrap_backbone(backbone: nn.Module) -> nn.Module:
     """The transformers model inside a peft ``PeftModel`` (or the backbone itself)."""
     get_base_model = getattr(backbone, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else backbone
+
+
+class AttentionSwitchError(InvalidInputError):
+    """The backbone cannot run AR: it does not dispatch attention through transformers'
+    ``AttentionInterface`` (e.g. Falcon), so its attention function cannot be switched."""
+
+
+def check_switchable(backbone: nn.Module) -> None:
+    """Refuse, in one line, a backbone whose attention implementation cannot be switched (run
+    before fit by the AR callback, so a long training is not lost to a failing test)."""
+    model = unwrap_backbone(backbone)
+    compatible = getattr(model, "is_backend_compatible", None)
+    config = getattr(model, "config", None)
+    if callable(compatible) and not compatible():
+        family = getattr(config, "model_type", None) or type(model).__name__
+        raise AttentionSwitchError(
+            f"attention reallocation (AR) cannot run on {family} ({type(model).__name__}): it "
+            "does not use transformers' AttentionInterface, so its attention cannot be "
+            "switched; use a method without AR (conf/method/lora.yaml, mose.yaml) or another "
+            "backbone"
+        )
 
 
 def _dispatcher(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
@@ -68,6 +90,7 @@ def install_reallocator(backbone: nn.Module, reallocator: Reallocator, name: str
         raise RuntimeError("bind the Reallocator to a ModalityContext before installing it")
     if name in _ACTIVE:
         raise RuntimeError(f"attention implementation {name!r} is already installed")
+    check_switchable(backbone)
     model = unwrap_backbone(backbone)
     original = model.config._attn_implementation
     AttentionInterface.register(name, _dispatcher(name))

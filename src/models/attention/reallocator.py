@@ -263,26 +263,31 @@ class Reallocator:
         if layer is None:
             raise RuntimeError(f"{type(module).__name__} has no layer_idx; AR needs it")
         self.calls += 1
+        # Gemma2's logit softcapping: kept exactly (SDPA has none, so those calls run the
+        # explicit softcapped attention instead).
+        softcap = kwargs.pop("softcap", None)
         plain_kwargs = dict(kwargs, dropout=dropout, scaling=scaling)
         if self._suspended:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+            return _plain(module, query, key, value, attention_mask, softcap, plain_kwargs)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         acts = layer in self._layer_set and not self.is_identity
         if self.eager:
-            return self._eager(module, layer, acts, query, key, value, attention_mask, scale)
+            return self._eager(
+                module, layer, acts, query, key, value, attention_mask, scale, softcap
+            )
 
         if not (acts or self.monitor is not None):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+            return _plain(module, query, key, value, attention_mask, softcap, plain_kwargs)
         plan = self._plan_for(layer, query, key, attention_mask)
         if plan.index is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+            return _plain(module, query, key, value, attention_mask, softcap, plain_kwargs)
         acts = acts and plan.any_acting
 
         masses = None
         if self.monitor is not None or (acts and self.needs_masses):
             groups = getattr(module, "num_key_value_groups", 1)
             rows_q = query if plan.full else query[:, :, plan.index]
-            logits = _logits(rows_q, key, scale, groups) + plan.logit_mask()
+            logits = _softcap(_logits(rows_q, key, scale, groups), softcap) + plan.logit_mask()
             masses = span_masses(torch.softmax(logits, dim=-1), plan.one_hot())
 
         sub_mask, factors = None, None
@@ -300,15 +305,15 @@ class Reallocator:
             after = masses if factors is None else _apply(masses, factors)
             self.monitor.update(layer, masses, after, plan.selected)
         if sub_mask is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+            return _plain(module, query, key, value, attention_mask, softcap, plain_kwargs)
 
         # Only the selected rows are recomputed with the bias (merged into a float mask); the
         # others keep the plain SDPA call and its fast kernel.
         dropped = ("is_causal", "position_bias")
         sub_kwargs = {k: v for k, v in plain_kwargs.items() if k not in dropped}
         rows_q = query if plan.full else query[:, :, plan.index]
-        out_rows, _ = sdpa_attention_forward(
-            module, rows_q, key, value, sub_mask, is_causal=False, **sub_kwargs
+        out_rows, _ = _plain(
+            module, rows_q, key, value, sub_mask, softcap, dict(sub_kwargs, is_causal=False)
         )
         if plan.full:
             # Unselected rows got a zero bias; fully masked (padding) rows get SDPA's zeros
@@ -316,7 +321,7 @@ class Reallocator:
             if plan.dead_rows is not None:
                 out_rows = out_rows.masked_fill(plan.dead_rows, 0.0)
             return out_rows, None
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **plain_kwargs)
+        out, _ = _plain(module, query, key, value, attention_mask, softcap, plain_kwargs)
         # Per sample, only its own selected rows take the biased result (the union of rows may
         # hold another sample's padding rows, whose fully masked output SDPA defines differently).
         if not plan.all_own:
@@ -405,13 +410,14 @@ class Reallocator:
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scale: float,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eager attention with the strategy's logit transform (the PAI baseline's code path)."""
         batch, heads, q_len, _ = query.shape
         k_len = key.shape[2]
         groups = getattr(module, "num_key_value_groups", 1)
         key_states, value_states = repeat_kv(key, groups), repeat_kv(value, groups)
-        logits = torch.matmul(query, key_states.transpose(2, 3)) * scale
+        logits = _softcap(torch.matmul(query, key_states.transpose(2, 3)) * scale, softcap)
         every_row = torch.arange(q_len, device=query.device)
         visible, additive = _mask_rows(attention_mask, every_row, batch, q_len, k_len, query.device)
         if additive is not None:
@@ -562,6 +568,42 @@ class _Plan:
             # Rows without both spans are left alone later; avoid 0/0 here.
             self._cache["shares"] = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         return self._cache["shares"]
+
+
+def _softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma2's logit softcapping ``softcap * tanh(logits / softcap)`` (identity for ``None``)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def _plain(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    softcap: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention with ``mask`` (boolean, additive float or ``None``: causal): SDPA, or for a
+    softcapping model the explicit softcapped attention (the model's own eager math)."""
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    batch, _, q_len, dim = query.shape
+    k_len = key.shape[2]
+    scaling = kwargs.get("scaling")
+    scale = dim**-0.5 if scaling is None else scaling
+    groups = getattr(module, "num_key_value_groups", 1)
+    key_states, value_states = repeat_kv(key, groups), repeat_kv(value, groups)
+    logits = _softcap(torch.matmul(query, key_states.transpose(2, 3)) * scale, softcap)
+    if mask is None:
+        rows = torch.arange(q_len, device=query.device)
+        mask = _mask_rows(None, rows, batch, q_len, k_len, query.device)[0]
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask[..., :k_len], torch.finfo(logits.dtype).min)
+    else:
+        logits = logits + mask[..., :k_len]
+    weights = nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value_states).transpose(1, 2).contiguous(), None
 
 
 def _logits(query: torch.Tensor, key: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
