@@ -79,6 +79,12 @@ class Job:
         return (self.folder / "result.json").is_file()
 
 
+def world_tags(name: str) -> str:
+    """The ``{world: <name>}`` tag mapping as a CLI value: JSON (valid YAML), so that the
+    ``null`` world stays the string ``"null"`` instead of YAML's None."""
+    return json.dumps({"world": name})
+
+
 def world_config(world: str) -> Path:
     """The data config of ``world`` (a name or a path), with a one-line error when missing."""
     if world == "synthetic":
@@ -109,7 +115,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 folder = Path(args.output).resolve() / "runs" / name / method / f"seed{seed}"
                 job = Job(name, method, seed, folder)
                 # `method` and `seed` are the CLI's own tags (derived from the config).
-                tags = f"{{world: {name}}}"
+                tags = world_tags(name)
                 common = [
                     "--config", str(REPO / config), "--data", data,
                     "--seed_everything", str(seed),
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "compare", "--tracking_uri", tracking_uri,
                 "--experiments", f"[{args.experiment}]",
-                "--tags", f"{{world: {world}}}", "--group_by", "tags.method",
+                "--tags", world_tags(world), "--group_by", "tags.method",
                 "--output", str(Path(args.output) / "compare" / world),
             ]
         )  # fmt: skip

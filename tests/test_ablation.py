@@ -58,3 +58,13 @@ def test_ablation_runs_every_method_and_resumes(workdir):
     assert "6 runs not finished, left out: world_tiny/lora/seed1" in partial.stdout
     assert not (runs / "lora" / "seed1").exists()
     assert "| world_tiny | LoRA | 1 |" in (workdir / "abl" / "ablation.md").read_text()
+
+
+def test_the_null_world_is_tagged_as_a_string():
+    """YAML reads a bare `null` as None: the world tag must stay the world's name."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from ablation import world_tags
+
+    assert yaml.safe_load(world_tags("null")) == {"world": "null"}
