@@ -216,39 +216,46 @@ class MoSEARCLI(LightningCLI):
     def _place_tracking(self, config: Namespace) -> None:
         """Put the tracking group's logger and callbacks into the trainer (the logger once; the
         callbacks before the trainer's own), so the logged ``config.yaml`` is a plain one."""
-        logger = config.get("tracking.logger")
-        if logger is not None and config.get("trainer.logger") is False:
+        if config.get("trainer.logger") is False:
             # `--trainer.logger false` (export, the pyfunc model's predict): no logger at all.
             config["tracking.logger"] = None
-        elif logger is not None:
-            if config.get("trainer.logger") not in (None, True):
-                self.parser.error(
-                    "the logger is given twice, as tracking.logger and trainer.logger; keep one "
-                    "(conf/trainer/ holds hardware, conf/tracking/ the logger and checkpoints)"
-                )
-            config["trainer.logger"] = logger
-            config["tracking.logger"] = None
-        callbacks = config.get("tracking.callbacks")
-        if callbacks:
-            config["trainer.callbacks"] = [*callbacks, *(config.get("trainer.callbacks") or [])]
-            config["tracking.callbacks"] = None
+        self._move_part(
+            config, "logger", "tracking.logger", "trainer.logger", (None, True),
+            "conf/trainer/ holds hardware, conf/tracking/ the logger and checkpoints",
+        )  # fmt: skip
+        self._join_callbacks(config, "tracking", first=True)
 
     def _place_method(self, config: Namespace) -> None:
         """Put the method's adapter and callbacks where the model and trainer take them, so the
         resolved config (and the ``config.yaml`` logged with the run) is a plain one."""
-        adapter = config.get("method.adapter")
-        if adapter is not None:
-            if config.get("model.init_args.adapter") is not None:
-                self.parser.error(
-                    "the adapter is given twice, as method.adapter and model.init_args.adapter; "
-                    "keep one (conf/model/ holds backbones, conf/method/ adapters)"
-                )
-            config["model.init_args.adapter"] = adapter
-            config["method.adapter"] = None
-        callbacks = config.get("method.callbacks")
+        self._move_part(
+            config, "adapter", "method.adapter", "model.init_args.adapter", (None,),
+            "conf/model/ holds backbones, conf/method/ adapters",
+        )  # fmt: skip
+        self._join_callbacks(config, "method", first=False)
+
+    def _move_part(
+        self, config: Namespace, part: str, source: str, target: str, unset: tuple, hint: str
+    ) -> None:
+        """Move a group's ``part`` from ``source`` to ``target``; an error if both are set."""
+        value = config.get(source)
+        if value is None:
+            return
+        if config.get(target) not in unset:
+            self.parser.error(
+                f"the {part} is given twice, as {source} and {target}; keep one ({hint})"
+            )
+        config[target] = value
+        config[source] = None
+
+    @staticmethod
+    def _join_callbacks(config: Namespace, group: str, first: bool) -> None:
+        """Add ``<group>.callbacks`` to ``trainer.callbacks``, before (``first``) or after."""
+        callbacks = config.get(f"{group}.callbacks")
         if callbacks:
-            config["trainer.callbacks"] = [*(config.get("trainer.callbacks") or []), *callbacks]
-            config["method.callbacks"] = None
+            own = config.get("trainer.callbacks") or []
+            config["trainer.callbacks"] = [*callbacks, *own] if first else [*own, *callbacks]
+            config[f"{group}.callbacks"] = None
 
     def before_fit(self) -> None:
         self._prepare_checkpoint_loading()
