@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.core.modality import Modality  # noqa: E402
 from src.core.streams import StreamSpec  # noqa: E402
 from src.data.components.tokenizer import build_word_tokenizer  # noqa: E402
+from src.models.backbones.projected_causal_lm import ProjectedCausalLM  # noqa: E402
 from src.models.multimodal_llm import MultimodalEmotionLLM  # noqa: E402
 
 #: 13 label words; L labels are the first L (6: MER2023's, 7: DFEW's size).
@@ -77,8 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, tokenizer: Any, n_labels: int, visual: int):
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    config = dict(
+        model_type="llama",
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -90,9 +91,7 @@ def build_model(args: argparse.Namespace, tokenizer: Any, n_labels: int, visual:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    config._attn_implementation = "sdpa"
-    dtype = getattr(torch, args.dtype)
-    backbone = LlamaForCausalLM(config).to(args.device, dtype).eval().requires_grad_(False)
+    backbone = ProjectedCausalLM(config=config, dtype=args.dtype, attn_implementation="sdpa")
     streams = [
         StreamSpec("audio", "audio", "audio", 16, AUDIO_TOKENS),
         StreamSpec("visual", "visual", "visual", 16, visual),
@@ -190,7 +189,7 @@ def _kv_answers(
         dim=1,
     )
     with llm.modality_context.bind(modality):
-        out = llm.backbone(
+        out = llm.language_model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"prompt length {prompt} leaves no visual tokens")
         for n_labels in label_counts:
             llm = build_model(args, tokenizer, n_labels, visual)
-            llm.backbone.generation_config.min_new_tokens = args.gen_tokens
+            llm.language_model.generation_config.min_new_tokens = args.gen_tokens
             batch = build_batch(args, prompt, visual)
             fns = methods(llm, batch, args.gen_tokens)
             times: dict[str, list[float]] = {k: [] for k in fns}

@@ -3,7 +3,7 @@
 One sub-command per table; each trains plain LoRA (r=64 on q/v) and MoSE, tests with and without
 AR where the table has it, tags every MLflow run with ``method``/``seed``/``fold`` and ends with
 ``python -m src.cli compare``. Paths in the configs (`/models/...`, `/data/...`) are placeholders:
-override them, e.g. ``--set --model.init_args.backbone_path /my/llama --data.init_args.root ...``.
+override them, e.g. ``--set --model.backbone.path /my/llama --data.init_args.root ...``.
 
     python experiments/paper_tables.py camer   --trainer conf/trainer/ddp.yaml
     python experiments/paper_tables.py mer2023 --trainer conf/trainer/gpu.yaml

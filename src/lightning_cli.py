@@ -9,6 +9,7 @@ import importlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import Callback
@@ -23,7 +24,7 @@ from src.core.errors import (
     UntrainedModelError,
 )
 from src.evaluation.default_predictions import add_default_prediction_writer, log_predictions
-from src.io.checkpoint_hparams import plain_checkpoint_hparams
+from src.io.checkpoint_hparams import plain_checkpoint_hparams, plain_component_hparams
 from src.io.checkpoint_io import (
     check_checkpoint_fits,
     load_checkpoint_safely,
@@ -187,13 +188,32 @@ class MoSEARCLI(LightningCLI):
         model_class = getattr(importlib.import_module(module), name)
         checkpoint = load_checkpoint_safely(ckpt_path, mmap=True)
         hparams = plain_checkpoint_hparams(
-            checkpoint, ckpt_path, class_path, model_class, skip=LINKED_FROM_DATA
+            checkpoint, ckpt_path, class_path, model_class, skip=(*LINKED_FROM_DATA, "backbone")
         )
+        backbone = self._backbone_hparams(checkpoint, ckpt_path, model)
+        if backbone is not None:
+            hparams["backbone"] = backbone
         if hparams:
             self.config = self.parser.parse_object(
                 {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}},
                 self.config,
             )
+
+    @staticmethod
+    def _backbone_hparams(
+        checkpoint: dict[str, Any], ckpt_path: str, model: Namespace
+    ) -> dict[str, Any] | None:
+        """The checkpoint's backbone settings for the configured backbone class (compared as a
+        string with the trusted config's ``class_path``), or ``None`` if it stores none."""
+        stored = (checkpoint.get("hyper_parameters") or {}).get("backbone")
+        configured = model.get("init_args.backbone") if model is not None else None
+        if stored is None or configured is None or not configured.get("class_path"):
+            return None
+        class_path = configured["class_path"]
+        module, _, name = class_path.rpartition(".")
+        component = getattr(importlib.import_module(module), name)
+        settings = plain_component_hparams(stored, ckpt_path, "backbone", class_path, component)
+        return {"class_path": class_path, "init_args": settings}
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

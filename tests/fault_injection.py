@@ -161,7 +161,7 @@ class OutOfMemoryAt(Callback):
                 raise self._error()
 
         if self.phase == "forward":
-            pl_module.model.backbone.register_forward_hook(lambda *args: fail())
+            pl_module.model.language_model.register_forward_hook(lambda *args: fail())
         else:
             param = next(p for p in pl_module.parameters() if p.requires_grad)
             param.register_hook(lambda grad: fail())

@@ -148,8 +148,10 @@ def test_paper_setting_configs_compose(workdir, capsys, data):
             ]
         )
     config = yaml.safe_load(capsys.readouterr().out)
-    model = config["model"]["init_args"]
-    assert model["backbone_config"] is None and model["dtype"] == "bfloat16"
+    backbone = config["model"]["init_args"]["backbone"]
+    assert backbone["class_path"] == "src.models.backbones.projected_causal_lm.ProjectedCausalLM"
+    assert backbone["init_args"]["config"] is None
+    assert backbone["init_args"]["dtype"] == "bfloat16"
     assert config["method"]["adapter"]["init_args"]["rank"] == 64
     assert config["trainer"]["precision"] == "bf16-mixed"
 

@@ -42,8 +42,7 @@ def local_model(checkpoint: Path) -> list[str]:
     """The tiny config pointed at a local checkpoint directory (model and tokenizer)."""
     return [
         "--config", str(TINY_CONFIG),
-        "--model.init_args.backbone_config", "null",
-        "--model.init_args.backbone_path", str(checkpoint),
+        "--model.init_args.backbone.init_args.path", str(checkpoint),
         "--data.init_args.tokenizer", str(checkpoint),
         *SHORT,
     ]  # fmt: skip
@@ -71,12 +70,12 @@ def test_family_fits_with_lora_and_mose_and_tests_with_ar(workdir, capsys, famil
 
     lora = main(["fit", *args, "--test_after_fit", "false"])
     assert lora.trainer.state.finished and lora.trainer.global_step == 2
-    assert adapted(lora.model.model.backbone, "lora_A") == FAMILY_TARGETS[family]
+    assert adapted(lora.model.model.language_model, "lora_A") == FAMILY_TARGETS[family]
     best = lora.trainer.checkpoint_callback.best_model_path
 
     mose = main(["fit", *args, "--config", MOSE, "--test_after_fit", "false"])
     assert mose.trainer.state.finished
-    names = {n.rsplit(".", 1)[-1] for n, _ in mose_layers(mose.model.model.backbone)}
+    names = {n.rsplit(".", 1)[-1] for n, _ in mose_layers(mose.model.model.language_model)}
     assert names == FAMILY_TARGETS[family]
 
     if family == "falcon":
@@ -115,7 +114,7 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(workdir):
     option = ["--model.init_args.adapter.init_args.target_modules", "all-linear"]
     for extra in ([], ["--config", MOSE]):
         cli = main(["fit", *local_model(checkpoint), *extra, *option, "--trainer.fast_dev_run=1"])
-        backbone = cli.model.model.backbone
+        backbone = cli.model.model.language_model
         names = adapted(backbone, "lora_A") | {
             n.rsplit(".", 1)[-1] for n, _ in mose_layers(backbone)
         }

@@ -25,7 +25,7 @@ def test_fit_with_mose_then_test_with_ar(workdir, capsys):
     )
     assert 0.0 < before < 1.0 and after != before
     assert not any(k.startswith(("val/attn_share", "train/attn_share")) for k in metrics)
-    assert cli.model.model.backbone.config._attn_implementation == "sdpa"
+    assert cli.model.model.language_model.config._attn_implementation == "sdpa"
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["tests"]).iloc[0]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id)}

@@ -231,7 +231,7 @@ def test_fit_test_predict_and_export_record_everything(workdir, capsys):
 
     assert main(["export", "--config", str(TINY_CONFIG), "--ckpt_path", str(best),
                  "--output", "export"]) == 0  # fmt: skip
-    base = fit.model.model.backbone
+    base = fit.model.model.language_model
     fresh = type(base)(base.config)
     peft_model = PeftModel.from_pretrained(fresh, str(workdir / "export"))
     trained = {k.replace(".default", ""): v for k, v in base.state_dict().items() if "lora_" in k}
@@ -259,7 +259,7 @@ def test_mose_exports_its_safetensors_layout_and_plots_usage_around_uniform(work
     assert main(["export", "--config", str(TINY_CONFIG), MOSE_ADAPTER, "--ckpt_path", best,
                  "--output", "mose"]) == 0  # fmt: skip
     weights = load_file(str(workdir / "mose" / "mose_adapter.safetensors"))
-    expected = mose_state_dict(fit.model.model.backbone)
+    expected = mose_state_dict(fit.model.model.language_model)
     assert weights.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(weights[key], value), key

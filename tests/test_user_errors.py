@@ -31,9 +31,9 @@ def test_a_union_dump_is_condensed_to_the_key_and_the_cause(workdir, capsys):
     line = expect_user_error(capsys, ["fit", "--config", config, "--model.init_args.lr", "abc"])
     assert line.endswith("option model.lr: Expected a <class 'float'>. Got value: abc")
     line = expect_user_error(
-        capsys, ["fit", "--config", config, "--model.init_args.backbone_config", "5"]
+        capsys, ["fit", "--config", config, "--model.init_args.backbone.init_args.config", "5"]
     )
-    assert "option model.backbone_config: Expected a <class 'dict'>" in line
+    assert "option model.backbone.config: Expected a <class 'dict'>" in line
     assert "Subtypes" not in line and len(line) < 200
     # The reduction itself, on a message of the shape jsonargparse writes.
     dump = (
@@ -51,14 +51,9 @@ def test_a_union_dump_is_condensed_to_the_key_and_the_cause(workdir, capsys):
 def test_missing_folders_and_hub_ids_name_the_option(workdir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(workdir / "empty_hf_cache"))
     config = str(tiny_config(workdir, data={"synthetic": SMALL}))
-    hub = [
-        "--model.init_args.backbone_config",
-        "null",
-        "--model.init_args.backbone_path",
-        "meta-llama/Llama-2-7b-hf",
-    ]
+    hub = ["--model.init_args.backbone.init_args.path", "meta-llama/Llama-2-7b-hf"]
     line = expect_user_error(capsys, ["fit", "--config", config, *hub])
-    assert "model.backbone_path 'meta-llama/Llama-2-7b-hf' is neither a local directory" in line
+    assert "model.backbone.path 'meta-llama/Llama-2-7b-hf' is neither a local directory" in line
     assert "`hf download" in line and "huggingface-cli" not in line
     (workdir / "data" / "camer_tiny" / "tokenizer" / "tokenizer.json").unlink()
     (workdir / "data" / "camer_tiny" / "tokenizer" / "tokenizer_config.json").unlink()

@@ -11,7 +11,7 @@ Configured under ``trainer.callbacks`` like any callback; the strategy is a ``cl
 
 On ``on_test_start``/``on_predict_start`` it (optionally) calibrates on the validation split or
 reuses the stored choice, binds the :class:`Reallocator` to ``pl_module.model.modality_context``
-and switches ``pl_module.model.backbone`` (the base model of a peft wrapper) to it through
+and switches the backbone's language model (``pl_module.model.backbone.attention_model()``) to it through
 transformers' ``AttentionInterface``; ``on_*_end`` and ``on_exception`` switch back. With
 ``gate: conflict`` each batch first gets the audio-only and visual-only predictions (AR
 suspended) and only disagreeing samples are reallocated. At the end of the epoch it logs the
@@ -42,7 +42,6 @@ from src.models.attention.interface import (
     install_reallocator,
     restore_attention,
     unique_name,
-    unwrap_backbone,
 )
 from src.models.attention.reallocator import Reallocator
 from src.models.attention.spans import MONITORED
@@ -109,10 +108,10 @@ class AttentionReallocation(Callback):
         model = pl_module.model
         adapter = getattr(pl_module, "adapter", None)
         weights = adapter.modality_weights() if adapter is not None else None
-        base = unwrap_backbone(model.backbone)
-        reallocator.bind(model.modality_context, base.config.num_hidden_layers, weights)
-        original = install_reallocator(model.backbone, reallocator, self.name)
-        self._installed = (model.backbone, original)
+        target = model.backbone.attention_model()
+        reallocator.bind(model.modality_context, len(model.backbone.layers()), weights)
+        original = install_reallocator(target, reallocator, self.name)
+        self._installed = (target, original)
 
     def _deactivate(self) -> None:
         if self._installed is not None:
@@ -142,7 +141,7 @@ class AttentionReallocation(Callback):
         # Before fit too: a backbone AR cannot switch is refused before the training, not after.
         model = getattr(pl_module, "model", None)
         if hasattr(model, "backbone"):
-            check_switchable(model.backbone)
+            check_switchable(model.backbone.attention_model())
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # AR is inference-only: make sure nothing is left switched on when training begins.

@@ -72,9 +72,11 @@ def main(argv: list[str]) -> int:
     module.load_state_dict(state, strict=False)
     output.mkdir(parents=True, exist_ok=True)
     written = module.adapter.export(module.model, output)
-    # Everything trainable outside the backbone: the projectors (``model.projectors.*``).
+    # Everything trainable outside the language model (whose adapter the adapter exported):
+    # the backbone's projectors (``model.backbone.projectors.*``).
+    inside_lm = "model.backbone.language_model."
     projectors = {
-        k: v.detach().contiguous() for k, v in state.items() if not k.startswith("model.backbone.")
+        k: v.detach().contiguous() for k, v in state.items() if not k.startswith(inside_lm)
     }
     if projectors:
         save_file(projectors, str(output / "projectors.safetensors"), metadata={"format": "pt"})

@@ -85,6 +85,22 @@ ARGUMENT_HINTS = (
         "--tracking.logger.init_args.<key> (conf/tracking/mlflow.yaml)",
     ),
 )
+#: Init arguments of the model that moved into its backbone component (old name -> new key).
+MOVED_TO_BACKBONE = {
+    "backbone_path": "path",
+    "backbone_config": "config",
+    "backbone_seed": "seed",
+    "dtype": "dtype",
+    "attn_implementation": "attn_implementation",
+    "projector_hidden": "projector_hidden",
+}
+ARGUMENT_HINTS += tuple(
+    (
+        ("option model:", f"Option '{old}' is not accepted"),
+        f"the backbone is a component (conf/model/tiny_llama.yaml): use --model.backbone.{new}",
+    )
+    for old, new in MOVED_TO_BACKBONE.items()
+)
 
 
 def with_hint(text: str) -> str:

@@ -131,3 +131,35 @@ def plain_checkpoint_hparams(
             )
         hparams = {k: v for k, v in hparams.items() if k in plain}
     return hparams
+
+
+def plain_component_hparams(
+    stored: Any, path: str | Path, field: str, class_path: str | None, component_class: type
+) -> dict[str, Any]:
+    """The plain settings of a component (the backbone) stored as ``{"class": str,
+    "settings": {...}}`` in a checkpoint's hyper_parameters, for the configured class only.
+
+    Args:
+        stored: ``hyper_parameters[field]``, already checked to be plain.
+        path: The checkpoint file (named in errors).
+        field: The init argument (``backbone``).
+        class_path: The component class the config builds.
+        component_class: That class: only its plain init arguments are returned.
+
+    Raises:
+        CheckpointHparamsError: The field is malformed or names another class than the config.
+    """
+    path = Path(path)
+    if not isinstance(stored, Mapping) or not isinstance(stored.get("settings"), Mapping):
+        raise CheckpointHparamsError(
+            f"{path}: field hyper_parameters.{field} is not {{class, settings}}: refused"
+        )
+    written_by = stored.get("class")
+    if written_by != class_path:
+        raise CheckpointHparamsError(
+            f"{path}: field hyper_parameters.{field}.class: the checkpoint's {field} is "
+            f"{str(written_by)[:120]!r} but the config builds {class_path!r}: pass the config "
+            "the checkpoint was trained with"
+        )
+    plain = _plain_parameters(component_class)
+    return {k: v for k, v in stored["settings"].items() if k in plain}

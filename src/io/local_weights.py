@@ -28,7 +28,7 @@ def resolve_local(name_or_path: str | Path, option: str) -> Path:
 
     Args:
         name_or_path: A directory, or a hub id (``org/name``) in the local cache.
-        option: The config field, for the error (``model.backbone_path``, ``data.tokenizer``).
+        option: The config field, for the error (``model.backbone.path``, ``data.tokenizer``).
     """
     path = Path(name_or_path)
     if path.is_dir():

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from src.core.plain_data import PlainValue
+from src.core.errors import InvalidInputError
 from src.core.records import SUBSETS
 from src.core.streams import StreamSpec
 from src.data.components.tokenizer import load_tokenizer
@@ -15,7 +15,7 @@ from src.io.checkpoint_io import RUN_ID_KEY, CheckpointMismatchError
 from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
 from src.metrics.modality_following import ModalityFollowing
 from src.models.adapters.base import Adapter, NoAdapter
-from src.models.backbone import build_backbone
+from src.models.backbones.base import EmotionBackbone
 from src.models.multimodal_llm import MultimodalEmotionLLM
 from src.models.online_features import encode_media
 from src.models.step_faults import locate_out_of_memory, step_location
@@ -23,17 +23,14 @@ from src.tracking.artifacts import log_figure, log_rows, mlflow_logger
 
 
 class EmotionLLMModule(L.LightningModule):
-    """Emotion MLLM: features -> projectors -> frozen causal LM with an adapter -> label scores.
+    """Emotion MLLM: a backbone (features into a frozen LM) with an adapter -> label scores.
 
     Args:
-        backbone_path: Local checkpoint directory of the LLM (never a hub id).
-        backbone_config: Model config kwargs for a randomly initialised backbone (tiny demo).
-        backbone_seed: Seed of that random initialisation (the frozen weights are not saved).
-        dtype: Backbone dtype (``float32``, ``bfloat16``).
-        attn_implementation: transformers attention implementation of the backbone (``None``:
-            the family's default, ``sdpa`` where supported).
+        backbone: The backbone component (``conf/model/``), e.g.
+            :class:`~src.models.backbones.projected_causal_lm.ProjectedCausalLM`: projectors in
+            front of any local Hugging Face causal LM. Built here once the tokenizer and the
+            streams are known; its frozen weights are never saved in checkpoints.
         adapter: The trainable adapter (plain LoRA, MoSE, or none).
-        projector_hidden: Hidden width of MLP projectors (``None``: linear, as Emotion-LLaMA).
         length_normalize: Score labels by mean instead of summed token log-likelihood
             (``None``: when the label answers differ in length, i.e. real tokenizers).
         lr: AdamW learning rate.
@@ -51,13 +48,8 @@ class EmotionLLMModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone_path: str | None = None,
-        backbone_config: dict[str, PlainValue] | None = None,
-        backbone_seed: int = 0,
-        dtype: str = "float32",
-        attn_implementation: str | None = None,
+        backbone: EmotionBackbone | None = None,
         adapter: Adapter | None = None,
-        projector_hidden: int | None = None,
         length_normalize: bool | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -70,21 +62,27 @@ class EmotionLLMModule(L.LightningModule):
         encoders: dict[str, L.LightningModule] | None = None,
     ) -> None:
         super().__init__()
+        if backbone is None:
+            raise ValueError(
+                "model.backbone is required: a class_path such as "
+                "src.models.backbones.projected_causal_lm.ProjectedCausalLM (conf/model/)"
+            )
         if tokenizer is None or labels is None or streams is None:
             raise ValueError(
                 "tokenizer, labels and streams come from the data module (the CLI links them); "
                 "pass them explicitly when building the module in Python"
             )
         # Plain types only: checkpoints are loaded with weights_only=True.
-        self.save_hyperparameters(ignore=["adapter", "streams", "encoders"])
+        self.save_hyperparameters(ignore=["backbone", "adapter", "streams", "encoders"])
         self.hparams["streams"] = [asdict(s) for s in streams]
+        # The backbone as data: its class named by a string, its plain settings (never built
+        # from the file; the CLI merges them only into the same, configured class).
+        self.hparams["backbone"] = {
+            "class": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
+            "settings": backbone.settings(),
+        }
         tok = load_tokenizer(tokenizer)
-        backbone = build_backbone(
-            backbone_path, backbone_config, len(tok), dtype, attn_implementation, backbone_seed
-        )
-        self.model = MultimodalEmotionLLM(
-            backbone, tok, streams, labels, projector_hidden, length_normalize
-        )
+        self.model = MultimodalEmotionLLM(backbone, tok, streams, labels, length_normalize)
         self.adapter = adapter or NoAdapter()
         self.adapter.apply(self.model)
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
@@ -202,6 +200,19 @@ class EmotionLLMModule(L.LightningModule):
         }
 
     # ----------------------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        # A backbone fine-tuned on one prompt format (Emotion-LLaMA's [INST]) is refused with
+        # another before anything runs: its scores would be silently worse.
+        wanted = self.model.backbone.prompt_format
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        given = getattr(data, "prompt_format", None)
+        if wanted != "auto" and given is not None and given != wanted:
+            raise InvalidInputError(
+                f"model.backbone.prompt_format is {wanted!r} (the format the backbone was "
+                f"trained with) but data.prompt_format is {given!r}: set "
+                f"--data.init_args.prompt_format {wanted}"
+            )
+
     def on_fit_start(self) -> None:
         self._log_skipped()
 
@@ -262,14 +273,14 @@ class EmotionLLMModule(L.LightningModule):
             )
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Optimizer groups: one per modality (its projectors and the adapter's parameters of
+        """Optimizer groups: one per modality (the backbone's parameters of it, e.g. its
+        projectors, and the adapter's parameters of
         that modality, e.g. MoSE's experts) and one ``shared`` group for the rest, so an
         adapter's :meth:`~src.models.adapters.base.Adapter.lr_scales` can modulate each
         modality's update."""
         by_modality = self.adapter.modality_parameters(self.model)
-        for stream in self.model.streams:
-            params = self.model.projectors[stream.name].parameters()
-            by_modality.setdefault(stream.modality_id.name.lower(), []).extend(params)
+        for modality, params in self.model.backbone.modality_parameters().items():
+            by_modality.setdefault(modality, []).extend(params)
         groups, seen = [], set()
         for modality, params in by_modality.items():
             params = [p for p in params if p.requires_grad and id(p) not in seen]

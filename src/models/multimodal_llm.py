@@ -11,24 +11,24 @@ from src.core.modality import Modality
 from src.core.streams import StreamSpec
 from src.data.components.batch import EmotionBatch, left_aligned, with_continuations
 from src.data.components.prompt import label_answer_ids
+from src.models.backbones.base import EmotionBackbone
 from src.models.label_scoring import AnswerTree, tree_inputs, tree_scores
 from src.models.modality_context import ModalityContext
-from src.models.projector import FeatureProjector
 
 
 class MultimodalEmotionLLM(nn.Module):
-    """Fills each prompt's feature positions with projected features and runs the backbone.
+    """Scores, trains and generates with any :class:`EmotionBackbone` on prompt batches.
 
     Batches come from :class:`~src.data.components.collate.EmotionCollator`. The batch's
     ``modality_ids`` are bound to :attr:`modality_context` around every backbone call, so adapters
     (MoSE) and the attention function (AR) inside the backbone know which token is which.
 
     Args:
-        backbone: Frozen Hugging Face causal LM (adapters may wrap or modify it later).
+        backbone: The backbone component, built for ``tokenizer`` and ``streams`` (adapters
+            adapt its language model later).
         tokenizer: The backbone's tokenizer.
         streams: Feature streams, in the order of ``batch["stream_ids"]``.
         labels: Label words in class order (closed-set candidates).
-        projector_hidden: Hidden width of MLP projectors; ``None`` for linear projectors.
         length_normalize: Score a label by its mean token log-likelihood instead of the sum
             (matters for multi-token label words of real tokenizers); ``None``: on when the
             label answers differ in length (real tokenizers), off when every label is one token
@@ -37,26 +37,20 @@ class MultimodalEmotionLLM(nn.Module):
 
     def __init__(
         self,
-        backbone: PreTrainedModel,
+        backbone: EmotionBackbone,
         tokenizer: PreTrainedTokenizerBase,
         streams: Sequence[StreamSpec],
         labels: Sequence[str],
-        projector_hidden: int | None = None,
         length_normalize: bool | None = None,
     ) -> None:
         super().__init__()
+        if not backbone.is_built:
+            backbone.build(tokenizer, streams)
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.streams = list(streams)
         self.labels = list(labels)
         self.modality_context = ModalityContext()
-        hidden = backbone.get_input_embeddings().embedding_dim
-        self.projectors = nn.ModuleDict(
-            {
-                s.name: FeatureProjector(s.dim, hidden, s.tokens, projector_hidden, s.sequence)
-                for s in self.streams
-            }
-        )
         # Refuses label words the tokenizer encodes alike (e.g. unknown words -> <unk>).
         self.label_answer_ids = label_answer_ids(tokenizer, self.labels)
         if length_normalize is None:
@@ -64,22 +58,18 @@ class MultimodalEmotionLLM(nn.Module):
         self.length_normalize = length_normalize
         self._answer_trees = {"cpu": AnswerTree.build(self.label_answer_ids)}
 
-    # ----------------------------------------------------------------------------- embeddings
+    # ----------------------------------------------------------------------------- backbone
+    @property
+    def language_model(self) -> PreTrainedModel:
+        """The backbone's frozen causal LM (what adapters adapt; one that replaces it sets
+        ``backbone.language_model``: a module attribute cannot be a property setter)."""
+        return self.backbone.language_model
+
     def embed(
         self, input_ids: torch.Tensor, stream_ids: torch.Tensor, features: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Text embeddings with every stream's positions replaced by its projected features."""
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        for index, stream in enumerate(self.streams):
-            mask = stream_ids == index
-            projected = self.projectors[stream.name](features[stream.name])
-            if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
-                raise ValueError(
-                    f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "
-                    f"but the projector made {projected.shape[0]} x {projected.shape[1]}"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), projected.to(embeds.dtype))
-        return embeds
+        """Prompt embeddings with every stream's positions filled by the backbone."""
+        return self.backbone.embed(input_ids, stream_ids, features)
 
     def run_backbone(
         self,
@@ -93,7 +83,7 @@ class MultimodalEmotionLLM(nn.Module):
         """One backbone forward with ``modality_ids`` bound to the modality context."""
         embeds = self.embed(input_ids, stream_ids, features)
         with self.modality_context.bind(modality_ids):
-            return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+            return self.backbone(embeds, attention_mask, **kwargs)
 
     @staticmethod
     def _drop(batch: EmotionBatch, drop_modalities: Sequence[Modality]) -> EmotionBatch:
@@ -155,7 +145,7 @@ class MultimodalEmotionLLM(nn.Module):
         prediction from the remaining modalities alone.
         """
         batch = self._drop(batch, drop_modalities)
-        dtype = self.backbone.get_input_embeddings().weight.dtype
+        dtype = self.backbone.embedding_dtype
         answers = self.answer_tree(batch["input_ids"].device)
         tree = tree_inputs(batch, answers, dtype)
         out = self.run_backbone(
@@ -198,7 +188,7 @@ class MultimodalEmotionLLM(nn.Module):
         left = left_aligned(batch, pad)  # decoder-only generation needs left padding
         embeds = self.embed(left["input_ids"], left["stream_ids"], batch["features"])
         with self.modality_context.bind(left["modality_ids"]):
-            out = self.backbone.generate(
+            out = self.language_model.generate(
                 inputs_embeds=embeds,
                 attention_mask=left["attention_mask"],
                 max_new_tokens=max_new_tokens,

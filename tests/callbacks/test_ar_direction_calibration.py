@@ -17,6 +17,7 @@ from src.models.attention.calibration import NONE, Calibration
 from src.models.attention.reallocator import _apply
 from src.models.modality_context import ModalityContext
 from tests.models.test_attention_reallocation import make_batch, run, tiny_llama
+from tests.backbones import ReadyLM
 
 T, A, V, P = (int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VISUAL), int(Modality.PAD))
 STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -208,7 +209,7 @@ class Scorer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = tiny_llama(seed=1).train()
+        self.backbone = ReadyLM(tiny_llama(seed=1).train())
         self.modality_context = ModalityContext()
 
     def score_labels(self, batch, drop_modalities=()):
@@ -221,7 +222,7 @@ class Scorer(nn.Module):
         }
         ids = batch["modality_ids"].repeat_interleave(N_LABELS, 0)
         with self.modality_context.bind(ids):
-            logits = self.backbone(**rows).logits
+            logits = self.backbone.language_model(**rows).logits
         last = batch["attention_mask"].sum(1).repeat_interleave(N_LABELS) - 1
         label = torch.arange(N_LABELS).repeat(len(batch["input_ids"]))
         return logits[torch.arange(len(last)), last, 3 + label].view(-1, N_LABELS)

@@ -19,6 +19,7 @@ from src.callbacks.attention_reallocation import AttentionReallocation
 from src.core.modality import Modality
 from src.models.attention import build_reallocator, reallocated
 from src.models.modality_context import ModalityContext
+from tests.backbones import ReadyLM
 
 T, A, V, P = (int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VISUAL), int(Modality.PAD))
 LAYOUTS = [
@@ -71,11 +72,12 @@ class TinyMultimodal(nn.Module):
 
             lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
             self.backbone = get_peft_model(self.backbone, lora)
+        self.backbone = ReadyLM(self.backbone)
         self.modality_context = ModalityContext()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.modality_context.bind(batch["modality_ids"]):
-            return self.backbone(
+            return self.backbone.language_model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
 
@@ -89,7 +91,7 @@ class ToyAdapter:
 
 
 def attn_implementation(module: "ToyModule") -> str:
-    backbone = module.model.backbone
+    backbone = module.model.backbone.language_model
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     return base.config._attn_implementation
 
@@ -160,7 +162,7 @@ def direct_shares(module: ToyModule, settings: dict) -> dict[str, dict[str, floa
     model = module.model
     reallocator.bind(model.modality_context, 2, {"audio": 2.0, "visual": 1.0})
     model.eval()
-    with torch.no_grad(), reallocated(model.backbone, reallocator):
+    with torch.no_grad(), reallocated(model.backbone.language_model, reallocator):
         for batch in DataLoader(ToyData(), batch_size=2):
             model(batch)
     return reallocator.monitor.summary()
@@ -284,7 +286,7 @@ def direct_counts(settings: dict) -> list[float]:
     model = ToyModule().model
     reallocator.bind(model.modality_context, 2)
     model.eval()
-    with torch.no_grad(), reallocated(model.backbone, reallocator):
+    with torch.no_grad(), reallocated(model.backbone.language_model, reallocator):
         for batch in DataLoader(ToyData(), batch_size=2):
             model(batch)
     return reallocator.monitor.count.tolist()

@@ -17,6 +17,7 @@ from src.core.streams import StreamSpec
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaSpec
 from src.data.mer2023_datamodule import MER2023DataModule
+from src.models.backbones.projected_causal_lm import ProjectedCausalLM
 from src.models.emotion_module import EmotionLLMModule
 from tests.conftest import REPO, TINY_CONFIG
 from tests.fault_injection import expect_user_error
@@ -181,7 +182,7 @@ def _predict(module: EmotionLLMModule, data: MER2023DataModule) -> dict[str, tor
 def _module(data: MER2023DataModule, encoders: dict) -> EmotionLLMModule:
     torch.manual_seed(0)
     return EmotionLLMModule(
-        backbone_config=BACKBONE,
+        backbone=ProjectedCausalLM(config=BACKBONE),
         tokenizer=data.tokenizer_path,
         labels=data.label_names,
         streams=data.streams,

@@ -20,6 +20,7 @@ from src.data.dfew_datamodule import DFEWDataModule
 from src.data.emer_datamodule import EMERDataModule
 from src.data.formats.rows import FormatError
 from src.data.mer2023_datamodule import MER2023DataModule
+from src.models.backbones.projected_causal_lm import ProjectedCausalLM
 from src.models.emotion_module import EmotionLLMModule
 from tests.mini_mer import EXTRA_WORDS, STREAMS, write_features
 
@@ -224,7 +225,7 @@ def emer_v1(realdata, tmp_path) -> tuple[Path, list[dict[str, str]]]:
 def _module(data) -> EmotionLLMModule:
     torch.manual_seed(0)
     return EmotionLLMModule(
-        backbone_config=BACKBONE,
+        backbone=ProjectedCausalLM(config=BACKBONE),
         tokenizer=data.tokenizer_path,
         labels=data.label_names,
         streams=data.streams,

@@ -11,6 +11,7 @@ from src.core.streams import StreamSpec
 from src.data.camer.datamodule import CAMERDataModule
 from src.data.camer.synthetic import SyntheticCAMERConfig, generate_synthetic_camer
 from src.data.components.prompt import LabelCollisionError
+from src.models.backbones.projected_causal_lm import ProjectedCausalLM
 from src.models.emotion_module import EmotionLLMModule
 from tests.fault_injection import expect_user_error, tiny_config
 
@@ -46,7 +47,7 @@ def test_labels_the_tokenizer_encodes_alike_are_refused_naming_them(tmp_path):
     assert_names_the_clash(info.value, tokenizer)
     with pytest.raises(LabelCollisionError) as info:  # the model side refuses them too
         EmotionLLMModule(
-            backbone_config=TINY_LLAMA,
+            backbone=ProjectedCausalLM(config=TINY_LLAMA),
             tokenizer=tokenizer,
             labels=list(MERR.labels),
             streams=STREAMS,

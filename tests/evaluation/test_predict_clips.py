@@ -27,6 +27,7 @@ from src.evaluation.clip_evidence import clip_attention_shares, conflicts, js_di
 from src.evaluation.clip_report_writer import ClipReportWriter, summary_line
 from src.models.attention import SpanMass
 from src.models.attention.share_monitor import ShareMonitor
+from src.models.backbones.projected_causal_lm import ProjectedCausalLM
 from src.models.emotion_module import EmotionLLMModule
 from tests.conftest import REPO, TINY_CONFIG
 from tests.data.components.test_media import write_clip
@@ -74,7 +75,7 @@ def clips_module(kit: dict[str, Path], clips: Path | str, **kwargs) -> ClipsData
 def tiny_module(kit: dict[str, Path]) -> EmotionLLMModule:
     torch.manual_seed(0)
     return EmotionLLMModule(
-        backbone_config=BACKBONE,
+        backbone=ProjectedCausalLM(config=BACKBONE),
         tokenizer=str(kit["tokenizer"]),
         labels=list(MER2023.labels),
         streams=STREAMS,
@@ -441,7 +442,7 @@ def test_predict_command_with_a_checkpoint_and_ar(workdir, capsys):
     assert "first: " in out and "second: " in out and "clips: 2 predicted" in out
     # The checkpoint's trained weights were loaded (a fresh module would hold its own init).
     trained = torch.load(ckpt, weights_only=True)["state_dict"]
-    key = next(k for k in trained if k.startswith("model.projectors."))
+    key = next(k for k in trained if k.startswith("model.backbone.projectors."))
     torch.testing.assert_close(cli.model.state_dict()[key], trained[key])
 
 

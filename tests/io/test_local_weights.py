@@ -27,27 +27,28 @@ def hf_home(tmp_path, monkeypatch):
 
 
 def test_hub_id_resolves_to_the_cached_snapshot(hf_home):
-    assert resolve_local(REPO_ID, "model.backbone_path") == (
+    assert resolve_local(REPO_ID, "model.backbone.path") == (
         hf_home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
     )
 
 
 def test_fit_from_a_hub_id_in_the_cache(hf_home, workdir):
     cli = main([
-        "fit", "--config", str(TINY_CONFIG), "--model.init_args.backbone_config", "null",
-        "--model.init_args.backbone_path", REPO_ID, "--data.init_args.tokenizer", REPO_ID,
+        # The short form of --model.init_args.backbone.init_args.path (jsonargparse's).
+        "fit", "--config", str(TINY_CONFIG), "--model.backbone.path", REPO_ID,
+        "--data.init_args.tokenizer", REPO_ID,
         "--trainer.fast_dev_run", "1",
     ])  # fmt: skip
     assert cli.trainer.state.finished
-    assert str(hf_home) in cli.model.model.backbone.name_or_path
+    assert str(hf_home) in cli.model.model.language_model.name_or_path
 
 
 def test_hub_id_not_in_the_cache_is_one_line_naming_hf_download(hf_home, workdir, capsys):
     with pytest.raises(MissingInputError, match="hf download"):
-        resolve_local("other-org/absent", "model.backbone_path")
+        resolve_local("other-org/absent", "model.backbone.path")
     assert main([
-        "fit", "--config", str(TINY_CONFIG), "--model.init_args.backbone_config", "null",
-        "--model.init_args.backbone_path", "other-org/absent",
+        "fit", "--config", str(TINY_CONFIG),
+        "--model.init_args.backbone.init_args.path", "other-org/absent",
     ]) == 2  # fmt: skip
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1

@@ -75,18 +75,24 @@ def _importable_payload(folder: Path, marker: Path) -> str:
 TINY_HPARAMS = {
     "_class_path": "src.models.emotion_module.EmotionLLMModule",
     "_instantiator": "lightning.pytorch.cli.instantiate_module",
-    "backbone_config": {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
+    "backbone": {
+        "class": "src.models.backbones.projected_causal_lm.ProjectedCausalLM",
+        "settings": {
+            "config": {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 256,
+            },
+            "seed": 0,
+        },
     },
-    "backbone_seed": 0,
     "lr": 0.005,
 }
+TINY_BACKBONE = TINY_HPARAMS["backbone"]
 
 
 def test_checkpoint_hyper_parameters_naming_code_are_refused(workdir, capsys, monkeypatch):
@@ -102,10 +108,15 @@ def test_checkpoint_hyper_parameters_naming_code_are_refused(workdir, capsys, mo
     hostile = {
         # A class inside an Any-like value (the backbone's config kwargs).
         "handler": (
-            {"backbone_config": {**TINY_HPARAMS["backbone_config"], "h": handler}},
-            "backbone_config.h.class_path",
+            {"backbone": {**TINY_BACKBONE, "settings": {"config": {"h": handler}}}},
+            "backbone.settings.config.h.class_path",
         ),
-        "popen": ({"backbone_config": {"h": popen}}, "backbone_config.h.class_path"),
+        "popen": (
+            {"backbone": {**TINY_BACKBONE, "settings": {"config": {"h": popen}}}},
+            "backbone.settings.config.h.class_path",
+        ),
+        # The backbone class named by the file (compared as a string, never imported).
+        "backbone": ({"backbone": {**TINY_BACKBONE, "class": f"{module}.Evil"}}, "backbone.class"),
         # The model class named by the file (a module to import).
         "class": ({"_class_path": f"{module}.Evil"}, "was written by"),
     }
@@ -136,12 +147,14 @@ def test_checkpoint_plain_values_merge_and_class_arguments_are_left_out(workdir,
     # A string where a class is expected (the adapter) is left out, not resolved; plain values
     # still come from the checkpoint (the frozen backbone's seed).
     path = workdir / "adapter.ckpt"
-    hparams = {**trained["hyper_parameters"], "adapter": f"{module}.Evil", "backbone_seed": 7}
+    backbone = trained["hyper_parameters"]["backbone"]
+    backbone = {**backbone, "settings": {**backbone["settings"], "seed": 7}}
+    hparams = {**trained["hyper_parameters"], "adapter": f"{module}.Evil", "backbone": backbone}
     torch.save({**trained, "hyper_parameters": hparams}, path)
     with pytest.warns(UserWarning, match=r"\['adapter'\] are not plain init arguments"):
         tested = main(["test", "--config", config, "--ckpt_path", str(path)])
     assert type(tested.model.adapter).__name__ == "LoRAAdapter"
-    assert tested.model.hparams["backbone_seed"] == 7
+    assert tested.model.model.backbone.seed == 7
     assert not marker.exists() and module not in sys.modules
 
 
@@ -150,7 +163,9 @@ def test_any_typed_config_values_are_never_built_or_imported(workdir, capsys, mo
     marker = workdir / "pwned"
     module = _importable_payload(workdir, marker)
     value = f'{{h: {{class_path: {module}.Evil}}, s: "{{class_path: {module}.Evil}}"}}'
-    main_args = ["fit", "--config", str(TINY_CONFIG), "--model.init_args.backbone_config", value]
+    main_args = [
+        "fit", "--config", str(TINY_CONFIG), "--model.init_args.backbone.init_args.config", value
+    ]  # fmt: skip
     with pytest.raises(SystemExit):
         main([*main_args, "--print_config"])
     printed = capsys.readouterr().out
@@ -174,7 +189,7 @@ def test_checkpoint_io_loads_weights_only_whatever_the_caller_asks(tmp_path):
 def test_pickled_backbone_weights_are_refused(tmp_path):
     from transformers import LlamaConfig
 
-    from src.models.backbone import build_backbone
+    from src.models.backbones.causal_lm import load_causal_lm
 
     folder = tmp_path / "backbone"
     LlamaConfig(
@@ -189,7 +204,7 @@ def test_pickled_backbone_weights_are_refused(tmp_path):
     weights = {"model.embed_tokens.weight": torch.zeros(64, 32), "evil": Payload(marker)}
     torch.save(weights, folder / "pytorch_model.bin")
     with pytest.raises(Exception, match="GLOBAL posix.system") as info:
-        build_backbone(str(folder), None, 64, "float32", "sdpa", 0)
+        load_causal_lm(str(folder), None, 64, "float32", "sdpa", 0)
     assert "weights_only" in str(info.value)
     assert not marker.exists()
 

@@ -19,6 +19,7 @@ from src.models.adapters.lora import LoRAAdapter
 from src.models.adapters.mose_adapter import MoSEAdapter
 from src.models.attention import reallocated
 from src.models.attention.strategies import build_reallocator
+from src.models.backbones.projected_causal_lm import ProjectedCausalLM
 from src.models.emotion_module import EmotionLLMModule
 from src.models.label_scoring import AnswerTree
 
@@ -48,7 +49,7 @@ def setup(tmp_path_factory) -> tuple[EmotionLLMModule, dict]:
     )
     data.setup("test")
     module = EmotionLLMModule(
-        backbone_config=TINY_LLAMA,
+        backbone=ProjectedCausalLM(config=TINY_LLAMA),
         adapter=LoRAAdapter(r=4),
         tokenizer=data.tokenizer_path,
         labels=data.label_names,
@@ -126,14 +127,14 @@ def test_a_hub_id_fails_with_advice(setup, tmp_path: Path):
     module, _ = setup
     with pytest.raises(FileNotFoundError, match="local director"):
         EmotionLLMModule(
-            backbone_path="meta-llama/Llama-2-7b-hf",
+            backbone=ProjectedCausalLM(path="meta-llama/Llama-2-7b-hf"),
             tokenizer=module.hparams["tokenizer"],
             labels=["a", "b"],
             streams=STREAMS,
         )
     with pytest.raises(FileNotFoundError, match="local director"):
         EmotionLLMModule(
-            backbone_config=TINY_LLAMA,
+            backbone=ProjectedCausalLM(config=TINY_LLAMA),
             tokenizer=str(tmp_path / "no-such-dir"),
             labels=["a"],
             streams=STREAMS,
@@ -143,11 +144,13 @@ def test_a_hub_id_fails_with_advice(setup, tmp_path: Path):
 # --------------------------------------------------------------------- one pass vs repeated
 
 
-def build_module(data_setup, adapter=None, labels=None, **kwargs) -> EmotionLLMModule:
+def build_module(
+    data_setup, adapter=None, labels=None, attn_implementation=None, **kwargs
+) -> EmotionLLMModule:
     """A tiny module with non-zero adapter weights (so the adapter takes part in the check)."""
     module_, batch = data_setup
     module = EmotionLLMModule(
-        backbone_config=TINY_LLAMA,
+        backbone=ProjectedCausalLM(config=TINY_LLAMA, attn_implementation=attn_implementation),
         adapter=adapter,
         tokenizer=module_.hparams["tokenizer"],
         labels=labels or list(module_.model.labels),
@@ -258,15 +261,15 @@ AR_SETTINGS = [
 def test_scores_with_attention_reallocation_installed(setup, settings):
     module, batch = setup
     llm = module.model
-    layers = llm.backbone.config.num_hidden_layers
-    heads = llm.backbone.config.num_attention_heads
+    layers = llm.language_model.config.num_hidden_layers
+    heads = llm.language_model.config.num_attention_heads
     with torch.no_grad():
         plain = llm.score_labels(batch)
     old_ar = build_reallocator(**settings).bind(llm.modality_context, layers)
-    with reallocated(llm.backbone, old_ar), torch.no_grad():
+    with reallocated(llm.language_model, old_ar), torch.no_grad():
         old = llm.score_labels_repeated(batch)
     new_ar = build_reallocator(**settings).bind(llm.modality_context, layers)
-    with reallocated(llm.backbone, new_ar), torch.no_grad():
+    with reallocated(llm.language_model, new_ar), torch.no_grad():
         new = llm.score_labels(batch, drop_modalities=())
     torch.testing.assert_close(new, old, rtol=0, atol=2e-5)
     if settings["query_rows"] != "last":  # `last` is each answer's final row: no score uses it

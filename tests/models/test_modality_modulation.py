@@ -114,8 +114,8 @@ def test_per_modality_lr_groups_exist_and_scale_the_update(workdir):
     groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
     assert set(groups) == {"audio", "visual", "shared"}
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
-    assert {id(p) for p in module.model.projectors["audio"].parameters()} <= ids["audio"]
-    assert {id(p) for p in module.model.projectors["face"].parameters()} <= ids["visual"]
+    assert {id(p) for p in module.model.backbone.projectors["audio"].parameters()} <= ids["audio"]
+    assert {id(p) for p in module.model.backbone.projectors["face"].parameters()} <= ids["visual"]
     experts = module.adapter.mose_layers[0].experts
     assert id(experts["audio"]) in ids["audio"] and id(experts["visual"]) in ids["visual"]
     assert id(experts["text"]) in ids["shared"]

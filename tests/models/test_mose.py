@@ -563,12 +563,12 @@ class TinyLLM(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = tiny_llama()
+        self.language_model = tiny_llama()
         self.modality_context = ModalityContext()
 
     def forward(self, batch):
         with self.modality_context.bind(batch["modality_ids"]):
-            return lm_loss(self.backbone, tokens(batch["modality_ids"]))
+            return lm_loss(self.language_model, tokens(batch["modality_ids"]))
 
     def score_labels(self, batch, drop_modalities=()):
         ids = batch["modality_ids"]
@@ -576,7 +576,7 @@ class TinyLLM(nn.Module):
         for m in drop_modalities:
             mask &= ids != int(m)
         with self.modality_context.bind(ids):
-            logits = self.backbone(**tokens(ids)).logits
+            logits = self.language_model(**tokens(ids)).logits
         return (logits[..., :3] * mask.unsqueeze(-1)).mean(1)
 
 
@@ -656,7 +656,7 @@ def _ddp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
             loss.backward()
             optimizer.step()
         torch.save(
-            {"state": mose_state_dict(llm.backbone), "weights": adapter.modality_weights()},
+            {"state": mose_state_dict(llm.language_model), "weights": adapter.modality_weights()},
             os.path.join(result_dir, f"rank{rank}.pt"),
         )
     finally:

@@ -21,7 +21,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def apply(self, llm: "MultimodalEmotionLLM") -> None:
-        """Insert the adapter into ``llm.backbone`` (in place or by replacing ``llm.backbone``)."""
+        """Insert the adapter into ``llm.language_model`` (in place, or by setting
+        ``llm.backbone.language_model``)."""
 
     def trainable_modules(self, llm: "MultimodalEmotionLLM") -> list[nn.Module]:
         """Modules whose parameters are the adapter's (default: none beyond what apply unfroze)."""

@@ -49,12 +49,12 @@ class LoRAAdapter(Adapter):
         self.config = LoraConfig(target_modules=["placeholder"], **self.settings)
 
     def apply(self, llm: "MultimodalEmotionLLM") -> None:
-        targets = resolve_targets(llm.backbone, self.target_modules)
+        targets = resolve_targets(llm.language_model, self.target_modules)
         self.config = LoraConfig(target_modules=targets, **self.settings)
         # inject_adapter_in_model keeps the backbone's own class (no PeftModel wrapper), so
         # generate(), set_attn_implementation() and the attention interface work unchanged.
-        llm.backbone = inject_adapter_in_model(self.config, llm.backbone)
-        for name, param in llm.backbone.named_parameters():
+        llm.backbone.language_model = inject_adapter_in_model(self.config, llm.language_model)
+        for name, param in llm.language_model.named_parameters():
             param.requires_grad_("lora_" in name)
 
     def export(self, llm: "MultimodalEmotionLLM", folder: Path) -> list[Path]:
@@ -63,7 +63,7 @@ class LoRAAdapter(Adapter):
         folder.mkdir(parents=True, exist_ok=True)
         # peft's own names: relative to a PeftModel (base_model.model.<backbone key>), adapter
         # name removed, as PeftModel.save_pretrained writes them.
-        state = get_peft_model_state_dict(llm.backbone)
+        state = get_peft_model_state_dict(llm.language_model)
         state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
         weights = folder / SAFETENSORS_WEIGHTS_NAME
         save_file(state, str(weights), metadata={"format": "pt"})

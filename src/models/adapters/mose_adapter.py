@@ -184,9 +184,9 @@ class MoSEAdapter(Adapter):
     def apply(self, llm: "MultimodalEmotionLLM") -> None:
         if self.mose_layers:
             raise RuntimeError("MoSEAdapter.apply was already called; build a new adapter")
-        self.resolved_targets = resolve_targets(llm.backbone, self.target_modules)
+        self.resolved_targets = resolve_targets(llm.language_model, self.target_modules)
         self.mose_layers = inject_mose(
-            llm.backbone,
+            llm.language_model,
             llm.modality_context,
             target_modules=self.resolved_targets,
             layers=self.layers,
@@ -194,7 +194,7 @@ class MoSEAdapter(Adapter):
             modality_weights=self.weights if self.weight_outputs else None,
             **self.layer_kwargs,
         )
-        by_id = {id(m): n for n, m in mose_layers(llm.backbone)}
+        by_id = {id(m): n for n, m in mose_layers(llm.language_model)}
         self.layer_names = [by_id[id(m)] for m in self.mose_layers]
         self.reset_usage()
 
@@ -251,7 +251,7 @@ class MoSEAdapter(Adapter):
         ``mose_config.json`` (format tag, layer settings, adapted layers); see docs/tracking.md.
         """
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in mose_state_dict(llm.backbone).items()}
+        state = {k: v.contiguous() for k, v in mose_state_dict(llm.language_model).items()}
         weights = folder / MOSE_WEIGHTS_FILE
         save_file(state, str(weights), metadata={"format": MOSE_EXPORT_FORMAT})
         settings = {

@@ -330,7 +330,7 @@ def test_cli_fits_a_sequence_stream_world_and_logs_the_bounds(workdir, capsys):
     )
     out = capsys.readouterr().out
     assert "excess_gap" in out and "Bayes %" in out
-    assert cli.model.model.projectors["face"].net.in_features == 16  # one row -> one token
+    assert cli.model.model.backbone.projectors["face"].net.in_features == 16  # one row -> one token
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["tests"]).iloc[0]
     metrics = {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}

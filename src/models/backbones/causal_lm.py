@@ -1,4 +1,4 @@
-"""Builds the frozen causal-LM backbone: from a local checkpoint directory or from a config."""
+"""Loads a frozen transformers causal LM: from a local checkpoint directory or from a config."""
 
 from typing import Any
 
@@ -18,7 +18,7 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {list(_DTYPES)}") from None
 
 
-def build_backbone(
+def load_causal_lm(
     path: str | None = None,
     config: dict[str, Any] | None = None,
     vocab_size: int | None = None,
@@ -43,12 +43,12 @@ def build_backbone(
     """
     if (path is None) == (config is None):
         raise ValueError(
-            "give exactly one of model.backbone_path (local dir) or model.backbone_config"
+            "give exactly one of model.backbone.path (local dir) or model.backbone.config"
         )
     torch_dtype = resolve_dtype(dtype)
     if path is not None:
         # A directory, or a hub id already in the local Hugging Face cache (never downloaded).
-        path = str(resolve_local(path, "model.backbone_path"))
+        path = str(resolve_local(path, "model.backbone.path"))
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
         )
@@ -56,7 +56,8 @@ def build_backbone(
         kwargs = dict(config)
         model_type = kwargs.pop("model_type", "llama")
         if vocab_size is not None:
-            kwargs["vocab_size"] = vocab_size
+            # A config may embed more tokens than the tokenizer has (padded vocabularies).
+            kwargs.setdefault("vocab_size", vocab_size)
         cfg = AutoConfig.for_model(model_type, **kwargs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
