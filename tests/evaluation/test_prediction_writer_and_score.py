@@ -432,7 +432,7 @@ def test_score_bad_inputs_name_the_file(tmp_path, capsys):
 
 
 def test_score_with_the_local_judge_records_it(tmp_path, camer_manifest):
-    from test_open_vocabulary import build_tiny_judge
+    from tests.metrics.test_open_vocabulary import build_tiny_judge
 
     judge = build_tiny_judge(tmp_path / "judge")
     predictions = write_csv(
