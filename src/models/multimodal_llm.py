@@ -96,8 +96,12 @@ class MultimodalEmotionLLM(nn.Module):
         return {**batch, "attention_mask": batch["attention_mask"] * keep.long()}
 
     # ------------------------------------------------------------------------ objectives
-    def lm_loss(self, batch: EmotionBatch) -> torch.Tensor:
-        """Causal-LM loss on the answer tokens only (label word or reasoning), as Emotion-LLaMA."""
+    def lm_loss(
+        self, batch: EmotionBatch, drop_modalities: Sequence[Modality] = ()
+    ) -> torch.Tensor:
+        """Causal-LM loss on the answer tokens only (label word or reasoning), as Emotion-LLaMA;
+        ``drop_modalities`` masks those modalities out of attention (a unimodal loss)."""
+        batch = self._drop(batch, drop_modalities)
         targets = batch["target_ids"]
         missing = [n for n, t in zip(batch["names"], targets, strict=True) if not t]
         if missing:

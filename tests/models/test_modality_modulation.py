@@ -139,3 +139,38 @@ def test_per_modality_lr_groups_exist_and_scale_the_update(workdir):
         steps = torch.cat([(before[id(p)] - p.detach()).flatten() for p in group["params"]])
         assert steps.abs().mean().item() == pytest.approx(module.lr * scale, rel=1e-3), name
         assert group["lr"] == module.lr  # restored after the step
+
+
+def test_mose_unimodal_loss_trains_each_modality_alone(workdir):
+    mose = str(REPO / "conf/adapter/mose.yaml")
+    args = "--model.init_args.adapter.init_args."
+    cli = main(
+        ["fit", "--config", str(TINY_CONFIG), "--model.init_args.adapter", mose,
+         f"{args}unimodal_loss_weight", "0.5", "--trainer.max_steps", "2",
+         "--test_after_fit", "false"]
+    )  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert {"train/unimodal_loss/visual_only", "train/unimodal_loss/audio_only"} <= set(metrics)
+    module, adapter = cli.model, cli.model.adapter
+    llm = module.model.train()
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    adapter.on_train_batch_start(llm, batch, 100)
+    term = adapter._unimodal_loss.detach()
+    visual_only = llm.lm_loss(batch, drop_modalities=(Modality.AUDIO,))
+    audio_only = llm.lm_loss(batch, drop_modalities=(Modality.VISUAL,))
+    assert float(term) == pytest.approx(0.5 * float(visual_only + audio_only) / 2, rel=1e-5)
+    # The visual-only loss does not see audio at all: other audio features, the same loss.
+    noisy = {**batch, "features": {**batch["features"], "audio": torch.randn_like(
+        batch["features"]["audio"]) * 10}}  # fmt: skip
+    assert float(llm.lm_loss(noisy, drop_modalities=(Modality.AUDIO,))) == pytest.approx(
+        float(visual_only), rel=1e-5
+    )
+    assert float(llm.lm_loss(noisy)) != pytest.approx(float(llm.lm_loss(batch)), rel=1e-5)
+    # It is returned with the gating loss and trains the visual experts.
+    module.zero_grad()
+    adapter.auxiliary_loss().backward()
+    # (Through v_proj: in the 1-layer tiny LM a visual token's query never reaches the answer.)
+    grads = [layer.experts["visual"].grad for layer in adapter.mose_layers]
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    with pytest.raises(ValueError, match="unimodal_loss_weight"):
+        type(adapter)(unimodal_loss_weight=-1.0)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import save_file
 from torch import nn
 
+from src.core.modality import Modality
 from src.models.adapters.base import Adapter
 from src.models.adapters.targets import check_target_modules, resolve_targets
 from src.models.modality_context import ModalityContext
@@ -88,6 +89,10 @@ class MoSEAdapter(Adapter):
             its weight (the update itself, which survives AdamW; a gradient scale does not).
         compile: Fuse each layer's adapter math with ``torch.compile`` (for GPUs, where its
             small kernels are launch-bound; the first steps pay the compilation).
+        unimodal_loss_weight: Weight of a unimodal training loss: the answer's LM loss with
+            audio masked out of attention and with the visual tokens masked out, averaged and
+            added to the training loss, so each modality's reading keeps being trained when the
+            joint model could rely on one (0: off; it costs two more passes per step).
     """
 
     def __init__(
@@ -117,7 +122,13 @@ class MoSEAdapter(Adapter):
         weight_outputs: bool = True,
         modulate_lr: bool = False,
         compile: bool = False,
+        unimodal_loss_weight: float = 0.0,
     ) -> None:
+        if unimodal_loss_weight < 0:
+            raise ValueError(f"unimodal_loss_weight must be >= 0, got {unimodal_loss_weight}")
+        self.unimodal_loss_weight = unimodal_loss_weight
+        self._unimodal_loss: torch.Tensor | None = None
+        self._unimodal_metrics: dict[str, float] = {}
         self.layer_kwargs: dict[str, Any] = {
             "rank": rank,
             "alpha": alpha,
@@ -211,15 +222,30 @@ class MoSEAdapter(Adapter):
         self.weights.update(llm, batch, step)
         w = self.weights.as_dict()
         self.history.append((step, w["audio"], w["visual"]))
+        self._unimodal_loss = None
+        if self.unimodal_loss_weight > 0:
+            visual_only = llm.lm_loss(batch, drop_modalities=(Modality.AUDIO,))
+            audio_only = llm.lm_loss(batch, drop_modalities=(Modality.VISUAL,))
+            # The gating loss balances the experts on the joint forward only.
+            for layer in self.mose_layers:
+                layer.clear_records()
+            self._unimodal_loss = self.unimodal_loss_weight * (visual_only + audio_only) / 2
+            self._unimodal_metrics = {
+                "unimodal_loss/visual_only": float(visual_only.detach()),
+                "unimodal_loss/audio_only": float(audio_only.detach()),
+            }
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         self._consume()
         loss, self._pending_loss = self._pending_loss, None
+        unimodal, self._unimodal_loss = self._unimodal_loss, None
+        if unimodal is not None:
+            loss = unimodal if loss is None else loss + unimodal
         return loss
 
     def step_metrics(self) -> dict[str, float]:
         self._consume()
-        metrics = dict(self._metrics)
+        metrics = {**self._metrics, **self._unimodal_metrics}
         for name, value in self.weights.as_dict().items():
             metrics[f"modality_weight/{name}"] = value
         if isinstance(self.weights, DominanceModalityWeights) and self.weights.last_measurement:
