@@ -5,8 +5,8 @@ The released ``.pth`` (MiniGPT-v2's layout: ``{"model": state_dict, ...}`` holdi
 tensors only) is read with ``torch.load(weights_only=True)``: it is data, and a file holding
 anything else is refused. Its keys map onto
 :class:`~src.models.backbones.emotion_llama.EmotionLLaMA` and a peft
-:class:`~src.models.adapters.lora.LoRAAdapter` as :class:`~src.models.emotion_module.EmotionLLMModule`
-names them:
+:class:`~src.models.adapters.lora.LoRAAdapter` as
+:class:`~src.models.emotion_module.EmotionLLMModule` names them:
 
 - ``llama_model.base_model.model.<layer>.lora_A[.default].weight`` ->
   ``model.backbone.language_model.<layer>.lora_A.default.weight`` (and ``lora_B``);
@@ -51,7 +51,9 @@ STREAM_LAYOUT = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.cli convert-emotion-llama", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m src.cli convert-emotion-llama", description=__doc__
+    )
     parser.add_argument("--checkpoint", required=True, help="the released Emotion-LLaMA .pth")
     parser.add_argument("--output", required=True, help="a new or empty folder")
     parser.add_argument(
@@ -134,7 +136,9 @@ def convert_state(
     missing = [k for k in expected if k not in converted]
     if missing:
         # Named as the released file names it.
-        released = missing[0].replace(STATE_PREFIX + "language_model.", "llama_model.base_model.model.")
+        released = missing[0].replace(
+            STATE_PREFIX + "language_model.", "llama_model.base_model.model."
+        )
         released = released.replace(STATE_PREFIX, "").replace(".default.weight", ".weight")
         raise InvalidInputError(f"{path}: missing key {released!r}")
     if len(ranks) != 1:
@@ -256,7 +260,9 @@ def main(argv: list[str]) -> int:
         "fit_mose.yaml": "MoSE fine-tuning from Emotion-LLaMA (LoRA merged, projectors as start).",
     }
     for name, data in _configs(cfg, ckpt, settings, streams, lora).items():
-        _write_yaml(output / name, data, f"Written by convert-emotion-llama from {source}. {notes[name]}")
+        _write_yaml(
+            output / name, data, f"Written by convert-emotion-llama from {source}. {notes[name]}"
+        )
     report = {
         "source": str(source), "checkpoint": ckpt.name, "tensors": len(converted),
         "lora": {k: lora[k] for k in ("r", "alpha", "target_modules")},

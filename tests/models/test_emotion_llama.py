@@ -68,7 +68,9 @@ def reference_forward(lm_dir, state, subtitle, eva, face, video, audio):
     lm = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval()
 
     def text(segment):
-        return lm.get_input_embeddings()(torch.tensor(tok(segment, add_special_tokens=False).input_ids))
+        return lm.get_input_embeddings()(
+            torch.tensor(tok(segment, add_special_tokens=False).input_ids)
+        )
 
     def linear(name, x):
         return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
@@ -76,8 +78,14 @@ def reference_forward(lm_dir, state, subtitle, eva, face, video, audio):
     cls, patches = eva[0], eva[1:]
     merged = patches.view(PATCHES // 4, 4 * EVA)  # four consecutive patch tokens per row
     image = linear("llama_proj", merged)
-    feats = torch.stack([linear("feats_llama_proj1", face), linear("feats_llama_proj2", video),
-                         linear("feats_llama_proj3", audio), linear("cls_tk_llama_proj", cls)])  # fmt: skip
+    feats = torch.stack(
+        [
+            linear("feats_llama_proj1", face),
+            linear("feats_llama_proj2", video),
+            linear("feats_llama_proj3", audio),
+            linear("cls_tk_llama_proj", cls),
+        ]
+    )
     instruction = (f"</feature> The person in video says: {subtitle}. [emotion] Please determine "
                    "which emotion label in the video represents: happy, sad, neutral, angry, "
                    "worried, surprise, fear, contempt, doubt. [/INST]")  # fmt: skip
@@ -151,7 +159,9 @@ def test_mose_fine_tunes_from_the_converted_checkpoint(released, workdir):
     merged = base.model.layers[0].self_attn.q_proj.weight + ALPHA / RANK * (
         state[f"{q}.lora_B.weight"] @ state[f"{q}.lora_A.weight"]
     )
-    frozen = next(m for n, m in backbone.language_model.named_modules() if n.endswith("0.self_attn.q_proj"))
+    frozen = next(
+        m for n, m in backbone.language_model.named_modules() if n.endswith("0.self_attn.q_proj")
+    )
     weight = frozen.base_layer.weight if hasattr(frozen, "base_layer") else frozen.weight
     assert torch.allclose(weight, merged, atol=1e-6)
     assert not any("lora_A.default" in n for n, _ in backbone.language_model.named_parameters())
@@ -174,7 +184,9 @@ def test_a_hostile_or_foreign_checkpoint_is_refused_in_one_line(released, workdi
     assert str(evil) in line and not (workdir / "a").exists()
 
     unknown = workdir / "unknown.pth"
-    torch.save({"model": {**state, "llama_model.base_model.model.lm_head.weight": torch.ones(2)}}, unknown)
+    torch.save(
+        {"model": {**state, "llama_model.base_model.model.lm_head.weight": torch.ones(2)}}, unknown
+    )
     line = expect_user_error(capsys, convert(lm_dir, unknown, workdir / "b"))
     assert str(unknown) in line and "lm_head.weight" in line
 
