@@ -19,4 +19,8 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("src.evaluation.score:main", "compute every metric from a predictions file"),
     "extract": ("src.commands.extract:main", "run encoders over clips, write the feature store"),
     "export": ("src.commands.export:main", "export adapter weights (peft LoRA folder, MoSE)"),
+    "convert-emotion-llama": (
+        "src.commands.convert_emotion_llama:main",
+        "convert Emotion-LLaMA's released checkpoint into a checkpoint and configs",
+    ),
 }
