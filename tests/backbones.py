@@ -45,9 +45,7 @@ class ModalityEmbeddedLM(EmotionBackbone):
             if len(sizes) != 1:
                 raise ValueError(f"{modality} streams of different sizes {sorted(sizes)}")
         hidden = self.hidden_size
-        self.projectors = nn.ModuleDict(
-            {m: nn.Linear(dims[m].pop(), hidden) for m in modalities}
-        )
+        self.projectors = nn.ModuleDict({m: nn.Linear(dims[m].pop(), hidden) for m in modalities})
         self.type_embedding = nn.ParameterDict(
             {m: nn.Parameter(torch.zeros(hidden)) for m in modalities}
         )
@@ -66,8 +64,7 @@ class ModalityEmbeddedLM(EmotionBackbone):
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {
-            m: [*self.projectors[m].parameters(), self.type_embedding[m]]
-            for m in self.projectors
+            m: [*self.projectors[m].parameters(), self.type_embedding[m]] for m in self.projectors
         }
 
 

@@ -11,8 +11,8 @@ Configured under ``trainer.callbacks`` like any callback; the strategy is a ``cl
 
 On ``on_test_start``/``on_predict_start`` it (optionally) calibrates on the validation split or
 reuses the stored choice, binds the :class:`Reallocator` to ``pl_module.model.modality_context``
-and switches the backbone's language model (``pl_module.model.backbone.attention_model()``) to it through
-transformers' ``AttentionInterface``; ``on_*_end`` and ``on_exception`` switch back. With
+and switches the backbone's language model (``pl_module.model.backbone.attention_model()``) to
+it through transformers' ``AttentionInterface``; ``on_*_end`` and ``on_exception`` switch back. With
 ``gate: conflict`` each batch first gets the audio-only and visual-only predictions (AR
 suspended) and only disagreeing samples are reallocated. At the end of the epoch it logs the
 attention share per modality (reduced over processes), the gate rate and a per-layer plot.

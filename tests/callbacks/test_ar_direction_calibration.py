@@ -16,8 +16,8 @@ from src.models.attention import LogitScale, Reweight, SpanMass, reallocated
 from src.models.attention.calibration import NONE, Calibration
 from src.models.attention.reallocator import _apply
 from src.models.modality_context import ModalityContext
-from tests.models.test_attention_reallocation import make_batch, run, tiny_llama
 from tests.backbones import ReadyLM
+from tests.models.test_attention_reallocation import make_batch, run, tiny_llama
 
 T, A, V, P = (int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VISUAL), int(Modality.PAD))
 STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0]

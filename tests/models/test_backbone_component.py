@@ -63,13 +63,13 @@ def test_the_checkpoint_rebuilds_its_own_backbone_settings(workdir):
     tested = main(["test", "--config", str(TINY_CONFIG), "--ckpt_path", best])
     assert tested.model.model.backbone.seed == 5
     lm_fit, lm_test = fit.model.model.language_model, tested.model.model.language_model
-    assert torch.equal(
-        lm_fit.get_input_embeddings().weight, lm_test.get_input_embeddings().weight
-    )
+    assert torch.equal(lm_fit.get_input_embeddings().weight, lm_test.get_input_embeddings().weight)
 
 
 def test_a_backbone_trained_on_one_prompt_format_refuses_another(workdir, capsys):
-    config = config_with_backbone(workdir, "tests.backbones.ModalityEmbeddedLM", prompt_format="inst")
+    config = config_with_backbone(
+        workdir, "tests.backbones.ModalityEmbeddedLM", prompt_format="inst"
+    )
     line = expect_user_error(capsys, ["fit", "--config", config, *SHORT])
     assert "model.backbone.prompt_format is 'inst'" in line
     assert "--data.init_args.prompt_format inst" in line
@@ -79,8 +79,8 @@ def test_a_backbone_trained_on_one_prompt_format_refuses_another(workdir, capsys
 
 
 def test_the_protocol_members_of_the_projected_causal_lm(workdir):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from src.core.streams import StreamSpec
 
