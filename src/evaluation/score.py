@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ArgumentParser
 
 from src.core.errors import STRICT_PARSER, InvalidInputError
@@ -44,7 +43,7 @@ from src.core.label_space import LABEL_SPACES, MER2023, LabelSpace, get_label_sp
 from src.core.records import SUBSETS
 from src.data.formats.rows import utf8_errors
 from src.io.atomic import atomic_open
-from src.metrics.closed_set import DEFAULT_BOOTSTRAP_RESAMPLES, EmotionMetrics
+from src.metrics.defaults import DEFAULT_BOOTSTRAP_RESAMPLES
 from src.metrics.emotion_vocabulary import EmotionVocabulary, normalise_word
 from src.metrics.open_vocabulary import (
     EmotionExtractor,
@@ -355,6 +354,12 @@ def score(
 
     closed = [s for s in samples if s.label is not None]
     if closed:
+        # torch and torchmetrics (which imports transformers) load only here, so --help and
+        # open-vocabulary-only scoring start in well under a second.
+        import torch
+
+        from src.metrics.closed_set import EmotionMetrics
+
         metric = EmotionMetrics(
             len(space), prefix=prefix, bootstrap_resamples=bootstrap, bootstrap_seed=seed
         )

@@ -30,9 +30,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from src.core.records import SUBSETS
-
-#: Bootstrap resamples used when a caller asks for intervals without saying how many.
-DEFAULT_BOOTSTRAP_RESAMPLES = 10_000
+from src.metrics.defaults import DEFAULT_BOOTSTRAP_RESAMPLES
 
 
 def subset_indices(

@@ -10,14 +10,6 @@ import pandas as pd
 from src.core.errors import InvalidInputError
 from src.io.atomic import atomic_open
 
-DEFAULT_METRICS: tuple[str, ...] = (
-    "test/video_aligned/acc",
-    "test/audio_aligned/acc",
-    "test/consistent/acc",
-    "test/modality_gap",
-    "test/acc",
-)
-
 
 def select_runs(
     tracking_uri: str,
