@@ -41,7 +41,10 @@ def path_inside(folder: str | Path, file_name: str) -> tuple[Path, str | None]:
     if reason is not None:
         return path, reason
     try:
-        if path.is_symlink() or path.exists():
+        # Only a symlink can lead elsewhere: a plain file named by one safe component lies in
+        # the real folder by construction (resolving both paths of every feature file, as
+        # this once did, was half of the demo's data loading).
+        if path.is_symlink():
             real, real_folder = path.resolve(), folder.resolve()
             if not real.is_relative_to(real_folder):
                 return (

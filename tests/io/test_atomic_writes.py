@@ -166,3 +166,23 @@ def test_written_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_p
     modes = file_modes(tmp_path)
     assert modes.pop("shared.txt") == oct(0o640)
     assert len(modes) > 20 and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_many_small_files_skip_their_own_fsync_and_sync_once(tmp_path, monkeypatch):
+    """The synthetic generator writes thousands of feature files with ``fsync=False`` and syncs
+    once before its completion marker: each file still appears whole, in one rename."""
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    with atomic_open(tmp_path / "a.npy", "wb", fsync=False) as handle:
+        np.save(handle, np.arange(3, dtype=np.float32))
+    assert synced == []
+    assert np.load(tmp_path / "a.npy").tolist() == [0.0, 1.0, 2.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]  # no temporary left
+    atomic_write_text(tmp_path / "done.json", "{}")
+    assert len(synced) == 1  # the default still syncs every file
+    calls: list[str] = []
+    monkeypatch.setattr(synthetic_camer, "sync_all", lambda: calls.append("sync"))
+    streams = [StreamSpec("audio", "HL-UTT", "audio", 8, 1)]
+    config = synthetic_camer.SyntheticCAMERConfig(n_train=4, n_val=2, n_test=2)
+    synthetic_camer.generate_synthetic_camer(tmp_path / "set", streams, config)
+    assert calls == ["sync"]

@@ -37,7 +37,7 @@ from src.core.streams import StreamSpec
 from src.data.camer.bayes import bayes_bounds
 from src.data.camer.manifest import write_manifest
 from src.data.components.tokenizer import build_word_tokenizer
-from src.io.atomic import atomic_open, atomic_write_text
+from src.io.atomic import atomic_open, atomic_write_text, sync_all
 
 # 2: val mirrors the test's subset mix, worlds (sequence streams, distractors, scene, scales,
 # training prior), bayes.json.
@@ -338,7 +338,8 @@ def generate_synthetic_camer(
                 if shown != y:
                     strength *= config.conflict_strength
                 x = _draw_stream(s, world, config, shown, strength, rng)
-                with atomic_open(root / s.feature_dir / f"{name}.npy", "wb") as f:
+                # Thousands of small files: synced once, before the completion marker.
+                with atomic_open(root / s.feature_dir / f"{name}.npy", "wb", fsync=False) as f:
                     np.save(f, x.astype(np.float32))
             lo, hi = config.subtitle_words
             words = rng.choice(SUBTITLE_WORDS, size=int(rng.integers(lo, hi + 1)))
@@ -362,6 +363,7 @@ def generate_synthetic_camer(
     _write_csv(root / "label.csv", ["name", "discrete", "valence"], label_rows)
     _write_csv(root / "transcription.csv", ["name", "english"], subtitle_rows)
     build_word_tokenizer([*SUBTITLE_WORDS, *PROMPT_WORDS, *labels], root / "tokenizer")
+    sync_all()  # the feature files are on disk before anything says the set is complete
     # The Bayes bounds read back the files just written (what a model will see).
     bounds = bayes_bounds(root, streams, config, world)
     with atomic_open(root / BAYES_FILE, "w") as f:

@@ -137,6 +137,11 @@ class PromptBuilder:
         else:
             self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
         self._stream_index = {s.name: i for i, s in enumerate(self.streams)}
+        # Token ids per text piece and per answer: the collator asks for the same template
+        # pieces, label words and (every epoch) subtitles again and again, and the tokenizer
+        # is the hot path of collation. Plain dicts (picklable for spawned workers), bounded.
+        self._piece_ids: dict[str, tuple[int, ...]] = {}
+        self._answer_ids: dict[str, tuple[int, ...]] = {}
         for task, template in self.templates.items():
             fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
             for stream in self.streams:
@@ -152,7 +157,13 @@ class PromptBuilder:
         # A chat template's newlines and special tokens are kept; only the spaces next to the
         # feature placeholders go. The [INST] format joins words by single spaces.
         text = text.strip(" ") if self.chat else " ".join(text.split())
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if not text:
+            return []
+        ids = self._piece_ids.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            _remember(self._piece_ids, text, ids)
+        return list(ids)
 
     def encode(self, subtitle: str, task: str = "emotion") -> EncodedPrompt:
         """Token ids, modality ids and stream ids of the prompt for one sample."""
@@ -192,7 +203,23 @@ class PromptBuilder:
 
     def answer_ids(self, text: str) -> list[int]:
         """Token ids of an answer (a label word or a reasoning text) followed by EOS."""
-        return encode_answer(self.tokenizer, text)
+        ids = self._answer_ids.get(text)
+        if ids is None:
+            ids = tuple(encode_answer(self.tokenizer, text))
+            _remember(self._answer_ids, text, ids)
+        return list(ids)
+
+
+#: Texts a :class:`PromptBuilder` keeps the token ids of, per cache: the template pieces and
+#: label words, and the subtitle pieces of a data set up to this size (about 3 KB each for an
+#: 80-token piece, so under 50 MB); beyond it, a text is tokenized each time. The first texts
+#: stay, so the template pieces are always kept.
+TOKEN_CACHE_SIZE = 16_384
+
+
+def _remember(cache: dict[str, tuple[int, ...]], text: str, ids: tuple[int, ...]) -> None:
+    if len(cache) < TOKEN_CACHE_SIZE:
+        cache[text] = ids
 
 
 def encode_answer(

@@ -74,3 +74,32 @@ def test_demo_word_tokenizer_keeps_its_label_ids(tmp_path):
     answers = label_answer_ids(tokenizer, LABELS)
     assert answers == [[tokenizer.convert_tokens_to_ids(w), tokenizer.eos_token_id] for w in LABELS]
     assert not PromptBuilder(tokenizer, STREAMS, LABELS).chat
+
+
+def test_repeated_prompts_and_answers_reuse_their_token_ids(bpe):
+    """Collation asks for the same pieces every epoch: the tokenizer runs once per text, and the
+    ids (fresh lists each time) equal those of a builder that never saw the text."""
+    builder = PromptBuilder(bpe, STREAMS, LABELS)
+    first, first_answer = builder.encode("i went home ."), builder.answer_ids("happy")
+    calls = []
+    original = builder.tokenizer
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args)
+            return original(*args, **kwargs)
+
+    builder.tokenizer = Counting()
+    again, again_answer = builder.encode("i went home ."), builder.answer_ids("happy")
+    assert calls == []
+    assert again == first and again_answer == first_answer
+    again.input_ids.append(-7)
+    again_answer.append(-7)
+    fresh = PromptBuilder(original, STREAMS, LABELS)
+    assert builder.encode("i went home .") == fresh.encode("i went home .") == first
+    assert builder.answer_ids("happy") == fresh.answer_ids("happy") == first_answer
+    builder.encode("she stayed .")
+    assert calls  # a new subtitle is tokenized
