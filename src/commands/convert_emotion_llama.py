@@ -17,7 +17,9 @@ anything else is refused. Its keys map onto
 
 Any other key, or a missing one, ends in one line naming the file and the key. ``--output`` is a
 new or empty folder; it receives ``emotion_llama.ckpt``, ``test.yaml`` (the released model with
-its own LoRA), ``test_ar.yaml`` (the same with attention reallocation), ``fit_mose.yaml``
+its own LoRA), ``test_ar.yaml`` (the same with attention reallocation calibrated on the
+validation split: the paper's training-free use), ``test_ar_fixed.yaml`` (a fixed AR setting),
+``fit_mose.yaml``
 (MoSE fine-tuning from it: the LoRA merged into the frozen LLaMA, projectors as the start) and
 ``conversion.json``.
 """
@@ -195,11 +197,13 @@ def _configs(cfg: argparse.Namespace, ckpt: Path, settings: dict, streams: list,
         "tracking": str(Path(cfg.tracking).resolve()),
     }
     ar = str(CONF / "callbacks" / "attention_reallocation.yaml")
+    calibrated = str(CONF / "callbacks" / "attention_reallocation_calibrated.yaml")
     fit_model = yaml.safe_load(yaml.safe_dump(model))
     fit_model["init_args"]["backbone"]["init_args"]["init_from"] = str(ckpt.resolve())
     return {
         "test.yaml": {**base, "method": {"adapter": adapter, "callbacks": []}},
-        "test_ar.yaml": {**base, "method": {"adapter": adapter, "callbacks": [ar]}},
+        "test_ar.yaml": {**base, "method": {"adapter": adapter, "callbacks": [calibrated]}},
+        "test_ar_fixed.yaml": {**base, "method": {"adapter": adapter, "callbacks": [ar]}},
         "fit_mose.yaml": {
             **base,
             "model": fit_model,
@@ -256,7 +260,11 @@ def main(argv: list[str]) -> int:
         torch.save(checkpoint, handle)
     notes = {
         "test.yaml": "Emotion-LLaMA as released (its LoRA), no attention intervention.",
-        "test_ar.yaml": "Emotion-LLaMA as released, attention reallocation at test (no training).",
+        "test_ar.yaml": (
+            "Emotion-LLaMA as released, attention reallocation calibrated on the validation "
+            "split (zero-shot: no training)."
+        ),
+        "test_ar_fixed.yaml": "Emotion-LLaMA as released, a fixed attention reallocation.",
         "fit_mose.yaml": "MoSE fine-tuning from Emotion-LLaMA (LoRA merged, projectors as start).",
     }
     for name, data in _configs(cfg, ckpt, settings, streams, lora).items():

@@ -3,6 +3,7 @@ through the CLI, the converted model's embeddings and logits equal a reference f
 here from the raw tensors, and the converted checkpoint tests with and without AR and fine-tunes
 with MoSE."""
 
+import json
 import pickle
 
 import pytest
@@ -136,12 +137,22 @@ def test_the_converted_checkpoint_equals_emotion_llama_and_tests_with_ar(release
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
     assert torch.equal(backbone.llama_proj.weight, saved["model.backbone.llama_proj.weight"])
 
-    with_ar = main(["test", "--config", str(out / "test_ar.yaml"), "--ckpt_path", ckpt])
+    with_ar = main(["test", "--config", str(out / "test_ar_fixed.yaml"), "--ckpt_path", ckpt])
     metrics = with_ar.trainer.callback_metrics
     before = float(metrics["test/attn_share_before/audio"])
     assert 0.0 < float(metrics["test/attn_share/audio"]) < before  # AR acted on its LLaMA
     for subset in ("video_aligned", "audio_aligned", "consistent"):
         assert f"test/{subset}/acc" in metrics
+
+    # Zero-shot AR: strategy, strength and gate chosen on the validation split of the frozen
+    # released model (no training), stored beside the checkpoint and reused by the next test.
+    calibrated = main(["test", "--config", str(out / "test_ar.yaml"), "--ckpt_path", ckpt])
+    records = sorted(out.glob("emotion_llama.ar-*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    labels = {row["label"] for row in record["entries"]}
+    assert record["chosen"] in labels and len(labels) > 1
+    assert "test/modality_gap" in calibrated.trainer.callback_metrics
 
 
 def test_mose_fine_tunes_from_the_converted_checkpoint(released, workdir):
