@@ -13,7 +13,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5OmniThinkerConfig,
     Qwen2_5OmniThinkerForConditionalGeneration,
+    WhisperFeatureExtractor,
 )
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from src.cli import main
 from src.core.streams import StreamSpec
@@ -25,8 +27,10 @@ from src.models.backbones.qwen_omni import (
     unpack_audio,
 )
 from src.models.mose import mose_layers
+from src.models.qwen_omni_inputs import QwenOmniAudioInput, QwenOmniVideoInput
 from tests.conftest import REPO, TINY_CONFIG
 from tests.families import corpus
+from tests.mini_mer import write_mer2023
 
 MELS, AUDIO_TOKENS = 16, 4  # 16 mel bins, 16 mel frames -> 4 audio tokens
 PATCH, TEMPORAL, MERGE = 4, 2, 2
@@ -108,6 +112,13 @@ def omni_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     thinker = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(len(tokenizer)))
     thinker.save_pretrained(str(save_dir))
+    # Its processor's parts: 16 mel bins; 4-pixel patches, frames resized to 16 x 16.
+    WhisperFeatureExtractor(feature_size=MELS).save_pretrained(str(save_dir))
+    side = (GRID[1] * PATCH) ** 2
+    Qwen2VLVideoProcessor(
+        patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE,
+        size={"shortest_edge": side, "longest_edge": side},
+    ).save_pretrained(str(save_dir))  # fmt: skip
     return save_dir
 
 
@@ -182,6 +193,12 @@ def test_the_stream_positions_hold_the_thinkers_own_tower_outputs(omni_dir):
     assert torch.equal(embeds[:, :1], text)
     # The LM is the thinker's own text model + head: same logits on the same embeddings.
     assert torch.allclose(logits, ref_logits, atol=1e-5)
+    # It generates (greedy, with its cache) after the filled embeddings, as the thinker does.
+    mask = torch.ones_like(input_ids)
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    ours = backbone.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+    theirs = reference.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+    assert ours.shape == (2, 3) and torch.equal(ours, theirs[:, -3:])
 
 
 @pytest.mark.slow
@@ -208,3 +225,62 @@ def test_lora_and_mose_fit_its_lm_and_ar_tests_its_lm(omni_dir, workdir):
     assert mose.trainer.state.finished
     lm = mose.model.model.language_model
     assert {n.rsplit(".", 1)[-1] for n, _ in mose_layers(lm)} == {"q_proj", "v_proj"}
+
+
+def media_config_file(folder: Path, omni_dir: Path) -> str:
+    """:func:`config_file` on the tiny MER2023 clips (``source: media``): 2 frames of 32 x 32
+    and the audio go through the model's own processor (the online encoders)."""
+    path = Path(config_file(folder, omni_dir))
+    config = yaml.safe_load(path.read_text())
+    mer = yaml.safe_load((REPO / "tests/conf/mer2023_tiny.yaml").read_text())
+    mer["init_args"].update(
+        tokenizer=str(omni_dir), streams=STREAMS, templates=TEMPLATES, prompt_format="chat",
+        source="media", media={"video_dir": "video", "strategy": "uniform", "num_frames": 2,
+                               "frame_size": 32},
+    )  # fmt: skip
+    config["data"] = mer
+    config["model"]["init_args"]["encoders"] = {
+        "video": {"class_path": "src.models.qwen_omni_inputs.QwenOmniVideoInput",
+                  "init_args": {"processor": str(omni_dir)}},
+        "audio": {"class_path": "src.models.qwen_omni_inputs.QwenOmniAudioInput",
+                  "init_args": {"processor": str(omni_dir), "tokens": AUDIO_TOKENS}},
+    }  # fmt: skip
+    config["trainer"]["callbacks"][0]["init_args"]["monitor"] = "val/acc"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_the_processor_inputs_are_the_processors_own_tensors(omni_dir):
+    audio = QwenOmniAudioInput(str(omni_dir), tokens=AUDIO_TOKENS)
+    waves = torch.randn(2, 3000)
+    rows = audio(waves, torch.tensor([3000, 1000]))
+    extractor = WhisperFeatureExtractor.from_pretrained(str(omni_dir))
+    mels = extractor(
+        [waves[1, :1000].numpy()],
+        sampling_rate=16000,
+        padding="max_length",
+        max_length=4 * AUDIO_TOKENS * 160,
+        return_tensors="pt",
+    ).input_features
+    assert rows.shape == (2, AUDIO_TOKENS, AUDIO_DIM)
+    assert torch.allclose(unpack_audio(rows, MELS)[1:], mels)
+    video = QwenOmniVideoInput(str(omni_dir))
+    frames = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
+    assert video.grid(frames) == GRID
+    assert video(frames).shape == (2, VIDEO_TOKENS, VIDEO_DIM)
+    with pytest.raises(ValueError, match="not a local directory"):
+        QwenOmniVideoInput("no/such/dir")
+
+
+@pytest.mark.slow
+def test_raw_clips_go_through_its_processor_and_towers(omni_dir, workdir):
+    write_mer2023(workdir / "mer2023_tiny", n_train=8, n_test=3)
+    config = media_config_file(workdir, omni_dir)
+    fit = main(["fit", "--config", config, *SHORT, "--trainer.limit_val_batches", "1"])
+    assert fit.trainer.state.finished and fit.trainer.global_step == 2
+    assert "test/acc" in fit.trainer.callback_metrics
+    best = fit.trainer.checkpoint_callback.best_model_path
+    tested = main(["test", "--config", config, *AR, "--ckpt_path", best])
+    metrics = tested.trainer.callback_metrics
+    before = float(metrics["test/attn_share_before/audio"])
+    assert 0.0 < float(metrics["test/attn_share/audio"]) < before

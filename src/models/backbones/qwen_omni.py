@@ -196,7 +196,10 @@ class QwenOmniThinker(EmotionBackbone):
         if self.path is not None:
             path = str(resolve_local(self.path, "model.backbone.path"))
             return cls.from_pretrained(
-                path, local_files_only=True, dtype=dtype, attn_implementation=self.attn_implementation
+                path,
+                local_files_only=True,
+                dtype=dtype,
+                attn_implementation=self.attn_implementation,
             )
         kwargs = dict(self.config or {})
         text = dict(kwargs.pop("text_config", None) or {})
@@ -256,10 +259,11 @@ class QwenOmniThinker(EmotionBackbone):
                         "(t, h, w) patch grid of one clip"
                     )
                 t, h, w = self.video_grid
-                if (h % self.merge or w % self.merge) or t * h * w // self.merge**2 != stream.tokens:
+                made = t * h * w // self.merge**2
+                if h % self.merge or w % self.merge or made != stream.tokens:
                     raise InvalidInputError(
-                        f"stream {stream.name!r}: video_grid {self.video_grid} makes "
-                        f"{t * h * w // self.merge**2} tokens, the stream has {stream.tokens}"
+                        f"stream {stream.name!r}: video_grid {self.video_grid} (h and w multiples "
+                        f"of {self.merge}) makes {made} tokens, the stream has {stream.tokens}"
                     )
 
     def train(self, mode: bool = True) -> "QwenOmniThinker":
