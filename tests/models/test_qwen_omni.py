@@ -49,17 +49,10 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SYSTEM = "<|im_start|>system\nyou are an emotion recognizer .<|im_end|>\n"
-#: Qwen2.5-Omni's layout: its chat turns, audio inside <|audio_bos|>..., video inside
-#: <|vision_bos|>... (the tokenizer's ChatML, written out with the stream placeholders).
-TEMPLATES = {
-    "emotion": SYSTEM + "<|im_start|>user\n<|vision_bos|>{video}<|vision_eos|><|audio_bos|>{audio}"
-    "<|audio_eos|> the person in video says : {subtitle} which emotion does the person show ? "
-    "choose one of : {labels} .<|im_end|>\n<|im_start|>assistant\nanswer :",
-    "reason": SYSTEM + "<|im_start|>user\n<|vision_bos|>{video}<|vision_eos|><|audio_bos|>{audio}"
-    "<|audio_eos|> the person in video says : {subtitle} describe the emotional cues in the "
-    "video and audio and infer the emotion of the person .<|im_end|>\n<|im_start|>assistant\n",
-}
+#: Qwen2.5-Omni's prompts as the 7B layer writes them (its ChatML with its system prompt, audio
+#: inside <|audio_bos|>..., video inside <|vision_bos|>...).
+OMNI_LAYER = REPO / "conf/experiment/qwen2_5_omni.yaml"
+TEMPLATES = yaml.safe_load(OMNI_LAYER.read_text())["data"]["init_args"]["templates"]
 STREAMS = [
     {"name": "video", "feature_dir": "qwen_omni_video", "modality": "visual",
      "dim": VIDEO_DIM, "tokens": VIDEO_TOKENS, "sequence": True},
@@ -284,3 +277,25 @@ def test_raw_clips_go_through_its_processor_and_towers(omni_dir, workdir):
     metrics = tested.trainer.callback_metrics
     before = float(metrics["test/attn_share_before/audio"])
     assert 0.0 < float(metrics["test/attn_share/audio"]) < before
+
+
+@pytest.mark.slow
+def test_the_7b_layer_runs_with_the_tiny_thinker_in_its_place(omni_dir, workdir):
+    """conf/experiment/qwen2_5_omni.yaml (+ conf/model/qwen2_5_omni_7b.yaml) over an experiment,
+    with only the local directory and the sizes changed to the tiny thinker's."""
+    streams = yaml.safe_dump(STREAMS, default_flow_style=True).strip()
+    fit = main([
+        "fit", "--config", str(REPO / "conf/experiment/lora.yaml"), "--config", str(OMNI_LAYER),
+        "--model.backbone.path", str(omni_dir), "--model.backbone.dtype", "float32",
+        "--model.backbone.video_grid", str(GRID),
+        "--model.init_args.encoders.video.init_args.processor", str(omni_dir),
+        "--model.init_args.encoders.audio.init_args.processor", str(omni_dir),
+        "--model.init_args.encoders.audio.init_args.tokens", str(AUDIO_TOKENS),
+        "--data.init_args.tokenizer", str(omni_dir), "--data.init_args.source", "features",
+        "--data.init_args.streams", streams, "--trainer.max_steps", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+        "--trainer.num_sanity_val_steps", "0", "--test_after_fit", "false",
+    ])  # fmt: skip
+    assert fit.trainer.state.finished and fit.trainer.global_step == 1
+    assert type(fit.model.model.backbone).__name__ == "QwenOmniThinker"
+    assert fit.datamodule.prompt_format == "chat"
