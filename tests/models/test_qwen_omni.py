@@ -279,23 +279,33 @@ def test_raw_clips_go_through_its_processor_and_towers(omni_dir, workdir):
     assert 0.0 < float(metrics["test/attn_share/audio"]) < before
 
 
-@pytest.mark.slow
-def test_the_7b_layer_runs_with_the_tiny_thinker_in_its_place(omni_dir, workdir):
-    """conf/experiment/qwen2_5_omni.yaml (+ conf/model/qwen2_5_omni_7b.yaml) over an experiment,
-    with only the local directory and the sizes changed to the tiny thinker's."""
+def layer_args(omni_dir: Path) -> list[str]:
+    """conf/experiment/qwen2_5_omni.yaml with only the directory and the sizes made tiny."""
     streams = yaml.safe_dump(STREAMS, default_flow_style=True).strip()
-    fit = main([
-        "fit", "--config", str(REPO / "conf/experiment/lora.yaml"), "--config", str(OMNI_LAYER),
+    return [
+        "--config", str(OMNI_LAYER),
         "--model.backbone.path", str(omni_dir), "--model.backbone.dtype", "float32",
         "--model.backbone.video_grid", str(GRID),
         "--model.init_args.encoders.video.init_args.processor", str(omni_dir),
         "--model.init_args.encoders.audio.init_args.processor", str(omni_dir),
         "--model.init_args.encoders.audio.init_args.tokens", str(AUDIO_TOKENS),
         "--data.init_args.tokenizer", str(omni_dir), "--data.init_args.source", "features",
-        "--data.init_args.streams", streams, "--trainer.max_steps", "1",
-        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
-        "--trainer.num_sanity_val_steps", "0", "--test_after_fit", "false",
-    ])  # fmt: skip
+        "--data.init_args.streams", streams, "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1", "--trainer.num_sanity_val_steps", "0",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_7b_layer_runs_with_the_tiny_thinker_in_its_place(omni_dir, workdir):
+    """conf/experiment/qwen2_5_omni.yaml (+ conf/model/qwen2_5_omni_7b.yaml) over the
+    experiments, as the README runs them: fit, and zero-shot test with calibrated AR."""
+    lora = str(REPO / "conf/experiment/lora.yaml")
+    fit = main(["fit", "--config", lora, *layer_args(omni_dir), "--trainer.max_steps", "1",
+                "--test_after_fit", "false"])  # fmt: skip
     assert fit.trainer.state.finished and fit.trainer.global_step == 1
     assert type(fit.model.model.backbone).__name__ == "QwenOmniThinker"
     assert fit.datamodule.prompt_format == "chat"
+    lora_ar = str(REPO / "conf/experiment/lora_ar.yaml")
+    tested = main(["test", "--config", lora_ar, *layer_args(omni_dir), "--allow_untrained", "true"])
+    metrics = tested.trainer.callback_metrics
+    assert "test/acc" in metrics and "test/attn_share/audio" in metrics
