@@ -5,6 +5,7 @@ real CLI fits it with LoRA and MoSE (its LM only) and tests it with AR (its LM o
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -309,3 +310,21 @@ def test_the_7b_layer_runs_with_the_tiny_thinker_in_its_place(omni_dir, workdir)
     tested = main(["test", "--config", lora_ar, *layer_args(omni_dir), "--allow_untrained", "true"])
     metrics = tested.trainer.callback_metrics
     assert "test/acc" in metrics and "test/attn_share/audio" in metrics
+
+
+@pytest.mark.slow
+def test_extract_stores_the_processor_features_the_backbone_reads(omni_dir, workdir):
+    """`extract` with the processor encoders writes the store; fit reads it (no decoding)."""
+    names = write_mer2023(workdir / "mer2023_tiny", n_train=8, n_test=3)
+    config = yaml.safe_load(Path(media_config_file(workdir, omni_dir)).read_text())
+    extract = workdir / "extract.yaml"
+    encoders = config["model"]["init_args"]["encoders"]
+    extract.write_text(yaml.safe_dump({"data": config["data"], "encoders": encoders}))
+    assert main(["extract", "--config", str(extract)]) == 0
+    first = names["train"][0]
+    video = np.load(workdir / "mer2023_tiny" / "qwen_omni_video" / f"{first}.npy")
+    audio = np.load(workdir / "mer2023_tiny" / "qwen_omni_audio" / f"{first}.npy")
+    assert video.shape == (VIDEO_TOKENS, VIDEO_DIM) and audio.shape == (AUDIO_TOKENS, AUDIO_DIM)
+    fit = main(["fit", "--config", media_config_file(workdir, omni_dir), *SHORT,
+                "--data.init_args.source", "features", "--test_after_fit", "false"])  # fmt: skip
+    assert fit.trainer.state.finished and fit.trainer.global_step == 2
