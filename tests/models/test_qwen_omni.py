@@ -207,6 +207,9 @@ def test_lora_and_mose_fit_its_lm_and_ar_tests_its_lm(omni_dir, workdir):
     assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
     assert not any("lora_" in n for n, _ in backbone.audio_tower.named_parameters())
     best = lora.trainer.checkpoint_callback.best_model_path
+    saved = torch.load(best, weights_only=True)["state_dict"]
+    assert any("lora_A" in k for k in saved)  # the trained LoRA only: no frozen tower or LM
+    assert not any("audio_tower" in k or "visual" in k or "embed_tokens" in k for k in saved)
 
     tested = main(["test", "--config", config, *AR, "--ckpt_path", best])
     metrics = tested.trainer.callback_metrics
