@@ -19,7 +19,7 @@ from src.data.components.dataset import FeatureDataset, MediaDataset, task_targe
 from src.data.components.feature_store import FeatureFileError, FeatureStore
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
-from src.data.components.prompt import PromptBuilder, label_answer_ids
+from src.data.components.prompt import PromptBuilder, label_answer_ids, placeholder_ids
 from src.data.components.skip_report import SkipReport
 from src.data.components.tokenizer import load_tokenizer, unknown_words
 from src.data.formats.rows import FormatError
@@ -45,6 +45,9 @@ class EmotionDataModule(L.LightningDataModule):
         prompt_format: ``auto`` (the tokenizer's chat template when it has one and ``templates``
             is unset, else Llama-2's ``[INST]``), ``chat`` or ``inst``
             (:class:`~src.data.components.prompt.PromptBuilder`).
+        placeholder_tokens: Stream name -> the token its feature positions hold (e.g.
+            ``{audio: "<|AUDIO|>", video: "<|VIDEO|>"}`` for Qwen2.5-Omni, which finds its
+            audio/video positions by these ids); default: the pad token for every stream.
         shuffle_seed: Seed of the training order; epoch ``e`` uses ``shuffle_seed + e`` whatever
             happened before, so a run resumed from a checkpoint sees the same batches.
         source: ``features`` reads the feature store (``<root>/<feature_dir>/<name>.npy``);
@@ -72,6 +75,7 @@ class EmotionDataModule(L.LightningDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
         prompt_format: Literal["auto", "chat", "inst"] = "auto",
+        placeholder_tokens: dict[str, str] | None = None,
         shuffle_seed: int = 0,
         source: Literal["features", "media"] = "features",
         media: MediaSpec | None = None,
@@ -90,6 +94,7 @@ class EmotionDataModule(L.LightningDataModule):
         self.on_error = on_error
         self.templates = templates
         self.prompt_format = prompt_format
+        self.placeholder_tokens = dict(placeholder_tokens) if placeholder_tokens else None
         self.shuffle_seed = shuffle_seed
         self.source = source
         self.media = media or MediaSpec()
@@ -160,6 +165,7 @@ class EmotionDataModule(L.LightningDataModule):
                 self.label_names,
                 self.templates,
                 self.prompt_format,
+                self.placeholder_tokens,
             )
             self._collator = EmotionCollator(builder)
         return self._collator
@@ -226,6 +232,7 @@ class EmotionDataModule(L.LightningDataModule):
         the subtitle words it maps to ``<unk>`` and warn (never silently)."""
         tokenizer = load_tokenizer(self.tokenizer_path)
         label_answer_ids(tokenizer, self.label_names)
+        placeholder_ids(tokenizer, self.streams, self.placeholder_tokens)  # before any batch
         subtitles = [r.subtitle for r in records if r.subtitle]
         unknown = unknown_words(tokenizer, subtitles)
         self.unknown_subtitle_words = dict(unknown.most_common())

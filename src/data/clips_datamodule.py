@@ -132,6 +132,7 @@ class ClipsDataModule(EmotionDataModule):
             field; ``skip``: it is listed in :attr:`skipped` and in the report.
         templates: Prompt templates per task (the training ones).
         prompt_format: ``auto``, ``chat`` or ``inst``, as in training.
+        placeholder_tokens: Stream name -> the token its positions hold, as in training.
         media: Decoding settings: frame sampling, frame size, audio rate (the training ones;
             ``video_dir``/``audio_dir`` are ignored).
         media_check: What :meth:`setup` checks of every clip: ``probe`` (headers), ``decode``
@@ -156,6 +157,7 @@ class ClipsDataModule(EmotionDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         templates: dict[str, str] | None = None,
         prompt_format: Literal["auto", "chat", "inst"] = "auto",
+        placeholder_tokens: dict[str, str] | None = None,
         media: MediaSpec | None = None,
         media_check: Literal["none", "probe", "decode"] = "probe",
     ) -> None:
@@ -173,6 +175,7 @@ class ClipsDataModule(EmotionDataModule):
             on_error=on_error,
             templates=templates,
             prompt_format=prompt_format,
+            placeholder_tokens=placeholder_tokens,
             source="media",  # always: raw clips through the model's encoders
             media=media,
             media_check=media_check,
@@ -225,6 +228,7 @@ class ClipsDataModule(EmotionDataModule):
                 self.label_names,
                 self.templates,
                 self.prompt_format,
+                self.placeholder_tokens,
             )
             self._collator = ClipsCollator(builder)
         return self._collator

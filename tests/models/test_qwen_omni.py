@@ -19,7 +19,14 @@ from transformers import (
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from src.cli import main
+from src.core.errors import InvalidInputError
+from src.core.label_space import MER2023
+from src.core.modality import Modality
 from src.core.streams import StreamSpec
+from src.data.camer.datamodule import SyntheticCAMERDataModule
+from src.data.camer.synthetic import SyntheticCAMERConfig
+from src.data.components.prompt import PromptBuilder
+from src.data.components.tokenizer import load_tokenizer
 from src.models.backbones.qwen_omni import (
     OmniThinkerLM,
     QwenOmniThinker,
@@ -45,7 +52,7 @@ SHORT = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1
          "--trainer.limit_test_batches", "1", "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|audio_eos|>",
-            "<|vision_bos|>", "<|vision_eos|>"]  # fmt: skip
+            "<|vision_bos|>", "<|vision_eos|>", "<|AUDIO|>", "<|VIDEO|>"]  # fmt: skip
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -54,6 +61,9 @@ CHATML = (
 #: inside <|audio_bos|>..., video inside <|vision_bos|>...).
 OMNI_LAYER = REPO / "conf/experiment/qwen2_5_omni.yaml"
 TEMPLATES = yaml.safe_load(OMNI_LAYER.read_text())["data"]["init_args"]["templates"]
+#: The tokens of its audio and video positions (as the layer sets them): the thinker finds them
+#: by these ids.
+PLACEHOLDERS = yaml.safe_load(OMNI_LAYER.read_text())["data"]["init_args"]["placeholder_tokens"]
 STREAMS = [
     {"name": "video", "feature_dir": "qwen_omni_video", "modality": "visual",
      "dim": VIDEO_DIM, "tokens": VIDEO_TOKENS, "sequence": True},
@@ -62,9 +72,13 @@ STREAMS = [
 ]  # fmt: skip
 
 
-def thinker_config(vocab_size: int) -> Qwen2_5OmniThinkerConfig:
-    """A tiny thinker: 1-layer audio tower, 1-block vision tower, 2-layer text model."""
+def thinker_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5OmniThinkerConfig:
+    """A tiny thinker: 1-layer audio tower, 1-block vision tower, 2-layer text model; its
+    audio/video token ids are the tokenizer's ``<|AUDIO|>`` and ``<|VIDEO|>``."""
+    vocab_size = len(tokenizer)
     return Qwen2_5OmniThinkerConfig(
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<|VIDEO|>"),
         audio_config={"num_mel_bins": MELS, "encoder_layers": 1, "encoder_attention_heads": 2,
                       "encoder_ffn_dim": 32, "d_model": 16, "output_dim": 32, "n_window": 8,
                       "max_source_positions": 64},
@@ -98,13 +112,12 @@ def chatml_tokenizer(save_dir: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-@pytest.fixture(scope="module")
-def omni_dir(tmp_path_factory) -> Path:
-    """A local Qwen2.5-Omni-thinker-like directory: tiny random thinker + its tokenizer."""
-    save_dir = tmp_path_factory.mktemp("qwen_omni")
+def write_omni_dir(save_dir: Path) -> Path:
+    """Write a local Qwen2.5-Omni-thinker-like directory: tiny random thinker, its tokenizer
+    and its processor's parts."""
     tokenizer = chatml_tokenizer(save_dir)
     torch.manual_seed(0)
-    thinker = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(len(tokenizer)))
+    thinker = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tokenizer))
     thinker.save_pretrained(str(save_dir))
     # Its processor's parts: 16 mel bins; 4-pixel patches, frames resized to 16 x 16.
     WhisperFeatureExtractor(feature_size=MELS).save_pretrained(str(save_dir))
@@ -116,6 +129,12 @@ def omni_dir(tmp_path_factory) -> Path:
     return save_dir
 
 
+@pytest.fixture(scope="module")
+def omni_dir(tmp_path_factory) -> Path:
+    """A local Qwen2.5-Omni-thinker-like directory (:func:`write_omni_dir`)."""
+    return write_omni_dir(tmp_path_factory.mktemp("qwen_omni"))
+
+
 def config_file(folder: Path, omni_dir: Path) -> str:
     """The tiny test config with the Qwen2.5-Omni thinker and its two processor streams."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
@@ -125,7 +144,8 @@ def config_file(folder: Path, omni_dir: Path) -> str:
     }
     data = config["data"]["init_args"]
     data.update(root="data/camer_qwen_omni", tokenizer=str(omni_dir), streams=STREAMS,
-                templates=TEMPLATES, prompt_format="chat", batch_size=8)  # fmt: skip
+                templates=TEMPLATES, prompt_format="chat", batch_size=8,
+                placeholder_tokens=PLACEHOLDERS)  # fmt: skip
     path = folder / "qwen_omni.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -172,6 +192,10 @@ def test_the_stream_positions_hold_the_thinkers_own_tower_outputs(omni_dir):
     row = [-1, *[0] * VIDEO_TOKENS, -1, *[1] * AUDIO_TOKENS, -1]
     stream_ids = torch.tensor([row, row])
     input_ids = torch.full_like(stream_ids, tokenizer.pad_token_id)
+    with pytest.raises(InvalidInputError, match="data.placeholder_tokens"):
+        backbone.embed(input_ids, stream_ids, features)  # pad ids: not its audio/video ids
+    input_ids[stream_ids == 0] = backbone.video_token_id
+    input_ids[stream_ids == 1] = backbone.audio_token_id
     with torch.no_grad():
         embeds = backbone.embed(input_ids, stream_ids, features)
         audio = reference.get_audio_features(
@@ -193,6 +217,52 @@ def test_the_stream_positions_hold_the_thinkers_own_tower_outputs(omni_dir):
     ours = backbone.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
     theirs = reference.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
     assert ours.shape == (2, 3) and torch.equal(ours, theirs[:, -3:])
+
+
+def omni_datamodule(omni_dir: Path, **options) -> SyntheticCAMERDataModule:
+    """The tiny synthetic CA-MER with the thinker's two processor streams, prompts and tokens."""
+    options = {"placeholder_tokens": PLACEHOLDERS, **options}
+    return SyntheticCAMERDataModule(
+        root="data/camer_qwen_omni", synthetic=SyntheticCAMERConfig(n_train=4, n_val=4, n_test=6),
+        tokenizer=str(omni_dir), streams=[StreamSpec(**s) for s in STREAMS],
+        templates=TEMPLATES, prompt_format="chat", eval_batch_size=6, **options,
+    )  # fmt: skip
+
+
+def test_its_audio_video_positions_hold_its_token_ids_and_modality_ids_follow(omni_dir, workdir):
+    data = omni_datamodule(omni_dir)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    backbone = QwenOmniThinker(path=str(omni_dir), video_grid=GRID)
+    backbone.build(load_tokenizer(str(omni_dir)), data.streams)
+    tokenizer = data.collator.prompt_builder.tokenizer
+    audio_id = tokenizer.convert_tokens_to_ids(PLACEHOLDERS["audio"])
+    video_id = tokenizer.convert_tokens_to_ids(PLACEHOLDERS["video"])
+    assert (backbone.audio_token_id, backbone.video_token_id) == (audio_id, video_id)
+    ids, streams = batch["input_ids"], batch["stream_ids"]
+    assert (ids[streams == 1] == audio_id).all() and (ids[streams == 0] == video_id).all()
+    assert int((ids == audio_id).sum()) == AUDIO_TOKENS * len(ids)
+    assert int((ids == video_id).sum()) == VIDEO_TOKENS * len(ids)
+    # The batch's modality_ids (what AR and MoSE read) are what the thinker's token ids say.
+    real = batch["modality_ids"] != int(Modality.PAD)
+    assert torch.equal(batch["modality_ids"][real], backbone.modality_ids(ids)[real])
+    assert set(batch["modality_ids"][real].tolist()) == {0, 1, 2}
+    with torch.no_grad():
+        assert backbone.embed(ids, streams, batch["features"]).shape[:2] == ids.shape
+
+
+def test_other_configs_keep_the_pad_id_and_an_unknown_token_is_one_line(omni_dir, workdir):
+    tokenizer = load_tokenizer(str(omni_dir))
+    streams = [StreamSpec(**s) for s in STREAMS]
+    plain = PromptBuilder(tokenizer, streams, list(MER2023.labels), TEMPLATES, "chat")
+    prompt = plain.encode("i went home .")
+    held = {i for i, s in zip(prompt.input_ids, prompt.stream_ids, strict=True) if s >= 0}
+    assert held == {tokenizer.pad_token_id}  # the default: unchanged
+    with pytest.raises(InvalidInputError, match=r"^data.placeholder_tokens: '<\|NOPE\|>'"):
+        omni_datamodule(omni_dir, placeholder_tokens={"audio": "<|NOPE|>"}).setup("test")
+    with pytest.raises(InvalidInputError, match=r"^data.placeholder_tokens: \['face'\]"):
+        PromptBuilder(tokenizer, streams, list(MER2023.labels), TEMPLATES, "chat",
+                      placeholder_tokens={"face": "<|AUDIO|>"})  # fmt: skip
 
 
 @pytest.mark.slow
@@ -232,8 +302,8 @@ def media_config_file(folder: Path, omni_dir: Path) -> str:
     mer = yaml.safe_load((REPO / "tests/conf/mer2023_tiny.yaml").read_text())
     mer["init_args"].update(
         tokenizer=str(omni_dir), streams=STREAMS, templates=TEMPLATES, prompt_format="chat",
-        source="media", media={"video_dir": "video", "strategy": "uniform", "num_frames": 2,
-                               "frame_size": 32},
+        placeholder_tokens=PLACEHOLDERS, source="media",
+        media={"video_dir": "video", "strategy": "uniform", "num_frames": 2, "frame_size": 32},
     )  # fmt: skip
     config["data"] = mer
     config["model"]["init_args"]["encoders"] = {

@@ -3,6 +3,8 @@
 The template is text with placeholders: ``{<stream name>}`` for each stream's feature tokens,
 ``{subtitle}`` and ``{labels}`` (the label list). Literal text is tokenised; each stream
 placeholder becomes ``stream.tokens`` positions whose embeddings the model's projectors fill.
+Those positions hold the pad token id, or a token the backbone reads them by
+(``placeholder_tokens``: Qwen2.5-Omni's ``<|AUDIO|>`` and ``<|VIDEO|>``).
 
 Prompts are written as the backbone saw text in pre-training: with the tokenizer's own chat
 template when it has one (Qwen, Llama-3, Phi-3, Gemma instruct checkpoints), else Llama-2's
@@ -106,6 +108,32 @@ class EncodedPrompt:
     stream_ids: list[int]
 
 
+def placeholder_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    streams: Sequence[StreamSpec],
+    placeholder_tokens: dict[str, str] | None = None,
+) -> list[int]:
+    """The token id each stream's feature positions hold, in stream order: the id of the token
+    string ``placeholder_tokens`` names for the stream (``{stream name: token}``), else the pad
+    id (the positions are filled, so the id is never embedded unless a backbone reads it)."""
+    tokens = dict(placeholder_tokens or {})
+    names = [s.name for s in streams]
+    unknown = sorted(set(tokens) - set(names))
+    if unknown:
+        raise InvalidInputError(
+            f"data.placeholder_tokens: {unknown} are not streams (the streams are {names})"
+        )
+    vocab = tokenizer.get_vocab()  # added special tokens included
+    for name, token in tokens.items():
+        if token not in vocab:
+            where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise InvalidInputError(
+                f"data.placeholder_tokens: {token!r} (stream {name!r}) is not a token of the "
+                f"tokenizer {where}"
+            )
+    return [vocab[tokens[n]] if n in tokens else tokenizer.pad_token_id for n in names]
+
+
 class PromptBuilder:
     """Builds prompts and answer targets for one tokenizer, stream set and label list.
 
@@ -116,6 +144,8 @@ class PromptBuilder:
         templates: Prompt template per task (``emotion``, ``reason``).
         prompt_format: ``auto``: the tokenizer's chat template when it has one and
             ``templates`` is unset, else ``[INST]``; ``chat`` or ``inst`` to force one.
+        placeholder_tokens: Stream name -> the token string its feature positions hold
+            (:func:`placeholder_ids`); streams not named hold the pad id.
     """
 
     def __init__(
@@ -125,9 +155,12 @@ class PromptBuilder:
         labels: list[str],
         templates: dict[str, str] | None = None,
         prompt_format: PromptFormat = "auto",
+        placeholder_tokens: dict[str, str] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.streams = list(streams)
+        #: The token id of each stream's feature positions, in stream order.
+        self.placeholder_ids = placeholder_ids(tokenizer, self.streams, placeholder_tokens)
         self.labels = list(labels)
         label_answer_ids(tokenizer, self.labels)  # refuses labels the tokenizer cannot tell apart
         #: Whether the prompts are the tokenizer's chat template (whitespace is then kept).
@@ -176,7 +209,6 @@ class PromptBuilder:
             ids.append(self.tokenizer.bos_token_id)
             modality.append(int(Modality.TEXT))
             stream_ids.append(-1)
-        placeholder = self.tokenizer.pad_token_id
         values = {"subtitle": " ".join(subtitle.split()), "labels": " , ".join(self.labels)}
         # Text between two feature placeholders (literals, subtitle, labels) is tokenized in
         # one piece, as running text.
@@ -191,7 +223,7 @@ class PromptBuilder:
                 stream_ids += [-1] * len(piece)
             if field in self._stream_index:
                 stream = self.streams[self._stream_index[field]]
-                ids += [placeholder] * stream.tokens
+                ids += [self.placeholder_ids[self._stream_index[field]]] * stream.tokens
                 modality += [int(stream.modality_id)] * stream.tokens
                 stream_ids += [self._stream_index[field]] * stream.tokens
         if text:  # a template ending in {subtitle} or {labels}

@@ -28,8 +28,14 @@ with the model's own processor (online encoders; ``extract`` stores them).
 Known differences from the released pipeline: positions are sequential (the thinker's TMRoPE
 gives audio/video tokens time-aligned 3D positions; with equal positions on all three axes its
 M-RoPE is plain RoPE), audio and video are two blocks (the processor interleaves them in 2 s
-chunks with ``use_audio_in_video``), and the placeholder ids are the pad token (the positions
-are filled, so their ids are never embedded).
+chunks with ``use_audio_in_video``).
+
+As the thinker, the backbone finds its audio and video positions by their token ids, its
+config's ``audio_token_id`` (``<|AUDIO|>``) and ``video_token_id`` (``<|VIDEO|>``): the data
+config puts them there (``data.placeholder_tokens``), :meth:`QwenOmniThinker.modality_ids`
+reads the modality of every position from them, and :meth:`QwenOmniThinker.embed` refuses a
+prompt whose stream positions (hence the batch's ``modality_ids``, which AR and MoSE read)
+disagree with its ids.
 """
 
 from collections.abc import Sequence
@@ -223,6 +229,12 @@ class QwenOmniThinker(EmotionBackbone):
         self.visual = thinker.model.visual
         self.language_model = OmniThinkerLM(thinker.model.language_model, thinker.lm_head)
         self.language_model.eval()
+        #: The placeholder ids of the thinker's audio and video positions, and their tokens.
+        self.audio_token_id = int(thinker.config.audio_token_id)
+        self.video_token_id = int(thinker.config.video_token_id)
+        self._placeholder_tokens = tokenizer.convert_ids_to_tokens(
+            [self.audio_token_id, self.video_token_id]
+        )
         if self.input_embeddings().num_embeddings < len(tokenizer):
             raise InvalidInputError(
                 f"the tokenizer has {len(tokenizer)} tokens but the thinker embeds only "
@@ -296,9 +308,36 @@ class QwenOmniThinker(EmotionBackbone):
         grid = torch.tensor([self.video_grid] * rows.shape[0], device=rows.device)
         return self.visual(pixels, grid_thw=grid).pooler_output
 
+    def modality_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The modality of every position as the thinker reads it from the token ids: audio at
+        ``audio_token_id``, visual at ``video_token_id``, text elsewhere."""
+        out = torch.full_like(input_ids, int(Modality.TEXT))
+        out[input_ids == self.audio_token_id] = int(Modality.AUDIO)
+        out[input_ids == self.video_token_id] = int(Modality.VISUAL)
+        return out
+
+    def _check_placeholders(self, input_ids: torch.Tensor, stream_ids: torch.Tensor) -> None:
+        """The stream positions are exactly the positions the token ids mark, each of its
+        stream's modality: the batch's ``modality_ids`` (made from the stream positions) are
+        then the ones the token ids say."""
+        streams = torch.full_like(input_ids, int(Modality.TEXT))
+        for index, stream in enumerate(self.streams):
+            streams[stream_ids == index] = int(stream.modality_id)
+        if not torch.equal(streams, self.modality_ids(input_ids)):
+            audio, video = self._placeholder_tokens
+            names = {Modality.AUDIO: audio, Modality.VISUAL: video}
+            wanted = ", ".join(f"{s.name}: {names[s.modality_id]!r}" for s in self.streams)
+            raise InvalidInputError(
+                f"Qwen2.5-Omni finds its audio/video positions by the token ids "
+                f"{self.audio_token_id} ({audio}) and {self.video_token_id} ({video}), and the "
+                f"prompt's stream positions hold other ids: set data.placeholder_tokens "
+                f"{{{wanted}}} (as conf/experiment/qwen2_5_omni.yaml)"
+            )
+
     def embed(
         self, input_ids: torch.Tensor, stream_ids: torch.Tensor, features: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        self._check_placeholders(input_ids, stream_ids)
         embeds = self.input_embeddings()(input_ids)
         for index, stream in enumerate(self.streams):
             rows = features[stream.name]
