@@ -38,6 +38,7 @@ from src.models.mose import mose_layers
 from src.models.qwen_omni_inputs import QwenOmniAudioInput, QwenOmniVideoInput
 from tests.conftest import REPO, TINY_CONFIG
 from tests.families import corpus
+from tests.fault_injection import expect_user_error
 from tests.mini_mer import write_mer2023
 
 MELS, AUDIO_TOKENS = 16, 4  # 16 mel bins, 16 mel frames -> 4 audio tokens
@@ -223,7 +224,7 @@ def omni_datamodule(omni_dir: Path, **options) -> SyntheticCAMERDataModule:
     """The tiny synthetic CA-MER with the thinker's two processor streams, prompts and tokens."""
     options = {"placeholder_tokens": PLACEHOLDERS, **options}
     return SyntheticCAMERDataModule(
-        root="data/camer_qwen_omni", synthetic=SyntheticCAMERConfig(n_train=4, n_val=4, n_test=6),
+        root="data/camer_qwen_omni_small", synthetic=SyntheticCAMERConfig(n_train=4, n_val=4, n_test=6),
         tokenizer=str(omni_dir), streams=[StreamSpec(**s) for s in STREAMS],
         templates=TEMPLATES, prompt_format="chat", eval_batch_size=6, **options,
     )  # fmt: skip
@@ -251,7 +252,7 @@ def test_its_audio_video_positions_hold_its_token_ids_and_modality_ids_follow(om
         assert backbone.embed(ids, streams, batch["features"]).shape[:2] == ids.shape
 
 
-def test_other_configs_keep_the_pad_id_and_an_unknown_token_is_one_line(omni_dir, workdir):
+def test_other_configs_keep_the_pad_id_and_an_unknown_token_is_one_line(omni_dir, workdir, capsys):
     tokenizer = load_tokenizer(str(omni_dir))
     streams = [StreamSpec(**s) for s in STREAMS]
     plain = PromptBuilder(tokenizer, streams, list(MER2023.labels), TEMPLATES, "chat")
@@ -263,6 +264,10 @@ def test_other_configs_keep_the_pad_id_and_an_unknown_token_is_one_line(omni_dir
     with pytest.raises(InvalidInputError, match=r"^data.placeholder_tokens: \['face'\]"):
         PromptBuilder(tokenizer, streams, list(MER2023.labels), TEMPLATES, "chat",
                       placeholder_tokens={"face": "<|AUDIO|>"})  # fmt: skip
+    line = expect_user_error(capsys, ["test", "--config", config_file(workdir, omni_dir),
+                                      "--data.init_args.placeholder_tokens", "{audio: <|NOPE|>}",
+                                      "--allow_untrained", "true"])  # fmt: skip
+    assert "data.placeholder_tokens: '<|NOPE|>' (stream 'audio')" in line
 
 
 @pytest.mark.slow
