@@ -224,7 +224,8 @@ def omni_datamodule(omni_dir: Path, **options) -> SyntheticCAMERDataModule:
     """The tiny synthetic CA-MER with the thinker's two processor streams, prompts and tokens."""
     options = {"placeholder_tokens": PLACEHOLDERS, **options}
     return SyntheticCAMERDataModule(
-        root="data/camer_qwen_omni_small", synthetic=SyntheticCAMERConfig(n_train=4, n_val=4, n_test=6),
+        root="data/camer_qwen_omni_small",
+        synthetic=SyntheticCAMERConfig(n_train=4, n_val=4, n_test=6),
         tokenizer=str(omni_dir), streams=[StreamSpec(**s) for s in STREAMS],
         templates=TEMPLATES, prompt_format="chat", eval_batch_size=6, **options,
     )  # fmt: skip
