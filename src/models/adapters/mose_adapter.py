@@ -128,7 +128,8 @@ class MoSEAdapter(Adapter):
             raise ValueError(f"unimodal_loss_weight must be >= 0, got {unimodal_loss_weight}")
         self.unimodal_loss_weight = unimodal_loss_weight
         self._unimodal_loss: torch.Tensor | None = None
-        self._unimodal_metrics: dict[str, float] = {}
+        #: The last unimodal losses (detached); copied to the host with the gating metrics.
+        self._unimodal_parts: dict[str, torch.Tensor] = {}
         self.layer_kwargs: dict[str, Any] = {
             "rank": rank,
             "alpha": alpha,
@@ -230,9 +231,9 @@ class MoSEAdapter(Adapter):
             for layer in self.mose_layers:
                 layer.clear_records()
             self._unimodal_loss = self.unimodal_loss_weight * (visual_only + audio_only) / 2
-            self._unimodal_metrics = {
-                "unimodal_loss/visual_only": float(visual_only.detach()),
-                "unimodal_loss/audio_only": float(audio_only.detach()),
+            self._unimodal_parts = {
+                "unimodal_loss/visual_only": visual_only.detach(),
+                "unimodal_loss/audio_only": audio_only.detach(),
             }
 
     def auxiliary_loss(self) -> torch.Tensor | None:
@@ -245,7 +246,7 @@ class MoSEAdapter(Adapter):
 
     def step_metrics(self) -> dict[str, float]:
         self._consume()
-        metrics = {**self._metrics, **self._unimodal_metrics}
+        metrics = dict(self._metrics)
         for name, value in self.weights.as_dict().items():
             metrics[f"modality_weight/{name}"] = value
         if isinstance(self.weights, DominanceModalityWeights) and self.weights.last_measurement:
@@ -336,6 +337,7 @@ class MoSEAdapter(Adapter):
             "gate_loss/balance": out.balance.float(),
             "gate_loss/modality": out.modality.float(),
             **_layer_statistics(records),
+            **{k: v.float() for k, v in self._unimodal_parts.items()},
         }
         device = metrics["gate_loss"].device
         floats = torch.stack([v.to(device) for v in metrics.values()]).cpu().tolist()

@@ -10,7 +10,7 @@ never an edit of the Lightning module.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -105,10 +105,48 @@ class EmotionBackbone(nn.Module, ABC):
         e.g. its projectors: they join that modality's optimizer group."""
         return {}
 
+    # ----------------------------------------------------------------- helpers of subclasses
+    @staticmethod
+    def fill_stream(
+        embeds: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, made_by: str
+    ) -> torch.Tensor:
+        """``embeds`` with the ``positions`` (``(B, T)`` boolean) filled, in order, by the rows
+        of ``tokens`` (``(B, N, hidden)`` or ``(B N, hidden)``); a count mismatch is an error
+        naming ``made_by`` (which stream and which projector or tower made the tokens)."""
+        made = tokens.shape[0] * tokens.shape[1] if tokens.ndim == 3 else tokens.shape[0]
+        if int(positions.sum()) != made:
+            raise ValueError(
+                f"{made_by}: the prompt has {int(positions.sum())} feature positions but "
+                f"{made} tokens were made"
+            )
+        return embeds.masked_scatter(positions.unsqueeze(-1), tokens.to(embeds.dtype))
+
+    @staticmethod
+    def by_modality(
+        streams: Sequence[StreamSpec], modules: Callable[[StreamSpec], nn.Module]
+    ) -> dict[str, list[nn.Parameter]]:
+        """The parameters of each stream's module (``modules(stream)``), grouped by the
+        stream's modality name: a :meth:`modality_parameters` for per-stream projectors."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for stream in streams:
+            groups.setdefault(stream.modality_id.name.lower(), []).extend(
+                modules(stream).parameters()
+            )
+        return groups
+
     def forward(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
     ) -> Any:
         """The language model on input embeddings (``kwargs``: labels, position ids, ...)."""
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        )
+
+
+def require_weights(path: str | None, config: object, what: str) -> None:
+    """A backbone needs a local directory (``path``) or a config for a random init."""
+    if path is None and config is None:
+        raise ValueError(
+            f"give model.backbone.path ({what}) or model.backbone.config (a model config for a "
+            "randomly initialised model)"
         )

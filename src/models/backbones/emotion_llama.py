@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from src.core.errors import InvalidInputError
 from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
-from src.models.backbones.base import EmotionBackbone
+from src.models.backbones.base import EmotionBackbone, require_weights
 from src.models.backbones.causal_lm import load_causal_lm
 
 #: The projector that maps every row of the patch-token sequence stream.
@@ -128,10 +128,7 @@ class EmotionLLaMA(EmotionBackbone):
     ) -> None:
         # Emotion-LLaMA was fine-tuned on Llama-2's [INST] prompts: other formats are refused.
         super().__init__(prompt_format="inst")
-        if path is None and config is None:
-            raise ValueError(
-                "give model.backbone.path (a local LLaMA-2 directory) or model.backbone.config"
-            )
+        require_weights(path, config, "a local LLaMA-2 directory")
         self.path, self.config, self.seed = path, config, seed
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
         self.roles = dict(DEFAULT_ROLES if roles is None else roles)
@@ -247,18 +244,9 @@ class EmotionLLaMA(EmotionBackbone):
             projector = getattr(self, self.roles[stream.name])
             x = features[stream.name].to(projector.weight.dtype)  # projectors train in float32
             tokens = projector(x) if stream.sequence else projector(x).unsqueeze(1)
-            mask = stream_ids == index
-            if int(mask.sum()) != tokens.shape[0] * tokens.shape[1]:
-                raise ValueError(
-                    f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "
-                    f"but {self.roles[stream.name]} made {tokens.shape[0]} x {tokens.shape[1]}"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
+            made_by = f"stream {stream.name!r} ({self.roles[stream.name]})"
+            embeds = self.fill_stream(embeds, stream_ids == index, tokens, made_by)
         return embeds
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
-        groups: dict[str, list[nn.Parameter]] = {}
-        for stream in self.streams:
-            params = getattr(self, self.roles[stream.name]).parameters()
-            groups.setdefault(stream.modality_id.name.lower(), []).extend(params)
-        return groups
+        return self.by_modality(self.streams, lambda s: getattr(self, self.roles[s.name]))

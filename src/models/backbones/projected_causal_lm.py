@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
-from src.models.backbones.base import EmotionBackbone, PromptFormat
+from src.models.backbones.base import EmotionBackbone, PromptFormat, require_weights
 from src.models.backbones.causal_lm import load_causal_lm
 from src.models.projector import FeatureProjector
 
@@ -44,11 +44,7 @@ class ProjectedCausalLM(EmotionBackbone):
         prompt_format: PromptFormat = "auto",
     ) -> None:
         super().__init__(prompt_format)
-        if path is None and config is None:
-            raise ValueError(
-                "give model.backbone.path (a local LLM directory) or model.backbone.config "
-                "(a model config for a randomly initialised LM)"
-            )
+        require_weights(path, config, "a local LLM directory")
         self.path, self.config, self.seed = path, config, seed
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
         self.projector_hidden = projector_hidden
@@ -88,19 +84,10 @@ class ProjectedCausalLM(EmotionBackbone):
     ) -> torch.Tensor:
         embeds = self.input_embeddings()(input_ids)
         for index, stream in enumerate(self.streams):
-            mask = stream_ids == index
             projected = self.projectors[stream.name](features[stream.name])
-            if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
-                raise ValueError(
-                    f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "
-                    f"but the projector made {projected.shape[0]} x {projected.shape[1]}"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), projected.to(embeds.dtype))
+            made_by = f"stream {stream.name!r} (its projector)"
+            embeds = self.fill_stream(embeds, stream_ids == index, projected, made_by)
         return embeds
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
-        groups: dict[str, list[nn.Parameter]] = {}
-        for stream in self.streams:
-            params = self.projectors[stream.name].parameters()
-            groups.setdefault(stream.modality_id.name.lower(), []).extend(params)
-        return groups
+        return self.by_modality(self.streams, lambda s: self.projectors[s.name])

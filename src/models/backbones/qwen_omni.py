@@ -61,7 +61,7 @@ from src.core.modality import Modality
 from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
 from src.io.local_weights import resolve_local
-from src.models.backbones.base import EmotionBackbone
+from src.models.backbones.base import EmotionBackbone, require_weights
 from src.models.backbones.causal_lm import resolve_dtype
 
 #: Mel frames per audio token: the tower's stride-2 conv, then its stride-2 average pooling.
@@ -174,10 +174,7 @@ class QwenOmniThinker(EmotionBackbone):
         video_grid: list[int] | None = None,
     ) -> None:
         super().__init__(prompt_format="chat")
-        if path is None and config is None:
-            raise ValueError(
-                "give model.backbone.path (a local Qwen2.5-Omni directory) or model.backbone.config"
-            )
+        require_weights(path, config, "a local Qwen2.5-Omni directory")
         if video_grid is not None and (len(video_grid) != 3 or min(video_grid) < 1):
             raise ValueError(f"model.backbone.video_grid must be 3 positive ints, got {video_grid}")
         self.path, self.config, self.seed = path, config, seed
@@ -343,11 +340,6 @@ class QwenOmniThinker(EmotionBackbone):
             rows = features[stream.name]
             audio = stream.modality_id == Modality.AUDIO
             tokens = self.audio_tokens(rows) if audio else self.video_tokens(rows)
-            mask = stream_ids == index
-            if int(mask.sum()) != tokens.shape[0]:
-                raise ValueError(
-                    f"stream {stream.name!r}: the prompt has {int(mask.sum())} feature positions "
-                    f"but the {'audio' if audio else 'vision'} tower made {tokens.shape[0]} tokens"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
+            made_by = f"stream {stream.name!r} (the {'audio' if audio else 'vision'} tower)"
+            embeds = self.fill_stream(embeds, stream_ids == index, tokens, made_by)
         return embeds
