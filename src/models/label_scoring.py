@@ -91,7 +91,8 @@ class TreeInputs:
 
     Attributes:
         input_ids, modality_ids, stream_ids: ``(B, P + T)``; answer tokens are text.
-        position_ids: ``(B, P + T)``: the prompt's own positions, then ``n_b + depth``.
+        position_ids: ``(B, P + T)`` (or ``(axes, B, P + T)``): the prompt's own positions,
+            then the next position after the prompt plus ``depth``.
         attention_mask: ``(B, 1, P + T, P + T)`` additive float mask (0 visible, the dtype's
             minimum hidden), the form transformers passes through unchanged to every attention
             implementation (SDPA, eager, and AR's registered function).
@@ -106,11 +107,19 @@ class TreeInputs:
     keep: torch.Tensor
 
 
-def tree_inputs(batch: dict[str, Any], tree: AnswerTree, dtype: torch.dtype) -> TreeInputs:
+def tree_inputs(
+    batch: dict[str, Any],
+    tree: AnswerTree,
+    dtype: torch.dtype,
+    prompt_positions: torch.Tensor | None = None,
+) -> TreeInputs:
     """Lay out right-padded prompts (``batch`` from the collator) followed by ``tree``.
 
     ``batch["attention_mask"]`` may hide tokens inside the prompt (dropped modalities); the
     prompt length of a row is its count of non-PAD ``modality_ids``, as elsewhere.
+    ``prompt_positions`` (``(B, P)`` or ``(axes, B, P)``, the backbone's own, e.g. TMRoPE's)
+    replace the count ``0..P-1``; an answer token then sits at the prompt's largest position
+    plus one plus its depth on every axis, as text after the prompt does in that model.
     """
     input_ids = batch["input_ids"]
     rows, width = input_ids.shape
@@ -124,10 +133,16 @@ def tree_inputs(batch: dict[str, Any], tree: AnswerTree, dtype: torch.dtype) -> 
         [batch["modality_ids"], torch.full_like(answer, int(Modality.TEXT))], dim=1
     )
     streams = torch.cat([batch["stream_ids"], torch.full_like(answer, -1)], dim=1)
-    prompt_positions = torch.arange(width, device=device).expand(rows, width)
-    positions = torch.cat([prompt_positions, lengths[:, None] + tree.depth[None]], dim=1)
-
     columns = torch.arange(width, device=device)
+    if prompt_positions is None:
+        prompt_positions = columns.expand(rows, width)
+        start = lengths  # the next position after each prompt
+    else:
+        inside = columns[None] < lengths[:, None]  # (B, P)
+        start = prompt_positions.masked_fill(~inside, -1).amax(dim=-1) + 1  # (B,) or (A, B)
+    answer_positions = start[..., None] + tree.depth.to(start.dtype)
+    positions = torch.cat([prompt_positions, answer_positions], dim=-1)
+
     key_on = batch["attention_mask"].bool() & (columns[None] < lengths[:, None])  # (B, P)
     causal = columns[:, None] >= columns[None]  # (P, P)
     same_answer = tree.label[:, None] == tree.label[None]

@@ -80,10 +80,21 @@ class MultimodalEmotionLLM(nn.Module):
         features: dict[str, torch.Tensor],
         **kwargs: Any,
     ) -> Any:
-        """One backbone forward with ``modality_ids`` bound to the modality context."""
+        """One backbone forward with ``modality_ids`` bound to the modality context, at the
+        backbone's own positions when it has them."""
         embeds = self.embed(input_ids, stream_ids, features)
+        if "position_ids" not in kwargs:
+            positions = self.positions(input_ids, modality_ids)
+            if positions is not None:
+                kwargs["position_ids"] = positions
         with self.modality_context.bind(modality_ids):
             return self.backbone(embeds, attention_mask, **kwargs)
+
+    def positions(self, input_ids: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
+        """The backbone's own position ids (``None``: the LM counts tokens). Padding is read
+        from ``modality_ids``, not the attention mask, which may hide a dropped modality's
+        tokens: they keep their places."""
+        return self.backbone.position_ids(input_ids, modality_ids != int(Modality.PAD))
 
     @staticmethod
     def _drop(batch: EmotionBatch, drop_modalities: Sequence[Modality]) -> EmotionBatch:
@@ -151,7 +162,8 @@ class MultimodalEmotionLLM(nn.Module):
         batch = self._drop(batch, drop_modalities)
         dtype = self.backbone.embedding_dtype
         answers = self.answer_tree(batch["input_ids"].device)
-        tree = tree_inputs(batch, answers, dtype)
+        positions = self.positions(batch["input_ids"], batch["modality_ids"])
+        tree = tree_inputs(batch, answers, dtype, positions)
         out = self.run_backbone(
             tree.input_ids,
             tree.attention_mask,
@@ -191,10 +203,14 @@ class MultimodalEmotionLLM(nn.Module):
         pad = self.tokenizer.pad_token_id
         left = left_aligned(batch, pad)  # decoder-only generation needs left padding
         embeds = self.embed(left["input_ids"], left["stream_ids"], batch["features"])
+        positions = self.positions(left["input_ids"], left["modality_ids"])
+        # The prompt's own positions; each new token then takes the last one plus one.
+        extra = {} if positions is None else {"position_ids": positions}
         with self.modality_context.bind(left["modality_ids"]):
             out = self.language_model.generate(
                 inputs_embeds=embeds,
                 attention_mask=left["attention_mask"],
+                **extra,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,  # plain greedy even if a checkpoint's generation_config says beams

@@ -21,6 +21,11 @@ from tests.fault_injection import expect_user_error
 
 EVA, PATCHES, FEAT, RANK, ALPHA = 8, 16, 12, 4, 16.0  # EVA width, patch tokens, MAE/HuBERT dim
 DATA = str(REPO / "tests" / "conf" / "emotion_llama_data.yaml")
+#: The emotion instruction of Emotion-LLaMA's training set (its only one).
+RELEASED_EMOTION_INSTRUCTION = (
+    "Please determine which emotion label in the video represents: happy, sad, neutral, angry, "
+    "worried, surprise, fear, contempt, doubt."
+)
 TRAINER = str(REPO / "conf" / "trainer" / "cpu.yaml")
 SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
          "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
@@ -87,12 +92,17 @@ def reference_forward(lm_dir, state, subtitle, eva, face, video, audio):
             linear("cls_tk_llama_proj", cls),
         ]
     )
-    instruction = (f"</feature> The person in video says: {subtitle}. [emotion] Please determine "
-                   "which emotion label in the video represents: happy, sad, neutral, angry, "
-                   "worried, surprise, fear, contempt, doubt. [/INST]")  # fmt: skip
+    # The released prompt, built as its data set and MiniGPT-v2 build it (first_face.py's
+    # instruction inside "[INST] {} [/INST]"), then cut at its two placeholders.
+    line = "The person in video says: {}. ".format(subtitle)
+    instruction = "<video><VideoHere></video> <feature><FeatureHere></feature> {} [{}] {} ".format(
+        line, "emotion", RELEASED_EMOTION_INSTRUCTION
+    )
+    head, rest = "[INST] {} [/INST]".format(instruction).split("<VideoHere>")
+    middle, tail = rest.split("<FeatureHere>")
+    assert "  [emotion]" in tail and tail.endswith("  [/INST]")  # the released double spaces
     bos = lm.get_input_embeddings()(torch.tensor([tok.bos_token_id]))
-    embeds = torch.cat([bos, text("[INST] <video>"), image, text("</video> <feature>"), feats,
-                        text(instruction)])[None]  # fmt: skip
+    embeds = torch.cat([bos, text(head), image, text(middle), feats, text(tail)])[None]
     with torch.no_grad():
         for i, layer in enumerate(lm.model.layers):
             for target in ("q_proj", "v_proj"):

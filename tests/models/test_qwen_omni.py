@@ -33,8 +33,10 @@ from src.models.backbones.qwen_omni import (
     pack_audio,
     pack_video,
     unpack_audio,
+    unpack_video,
 )
 from src.models.mose import mose_layers
+from src.models.multimodal_llm import MultimodalEmotionLLM
 from src.models.qwen_omni_inputs import QwenOmniAudioInput, QwenOmniVideoInput
 from tests.conftest import REPO, TINY_CONFIG
 from tests.families import corpus
@@ -73,13 +75,19 @@ STREAMS = [
 ]  # fmt: skip
 
 
-def thinker_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5OmniThinkerConfig:
+def thinker_config(
+    tokenizer: PreTrainedTokenizerFast, init_range: float = 0.02
+) -> Qwen2_5OmniThinkerConfig:
     """A tiny thinker: 1-layer audio tower, 1-block vision tower, 2-layer text model; its
-    audio/video token ids are the tokenizer's ``<|AUDIO|>`` and ``<|VIDEO|>``."""
+    audio/video token ids are the tokenizer's ``<|AUDIO|>`` and ``<|VIDEO|>``; ``init_range``:
+    its text model's initializer range (large: sharp attention, so positions matter)."""
     vocab_size = len(tokenizer)
     return Qwen2_5OmniThinkerConfig(
         audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<|VIDEO|>"),
+        # Its TMRoPE finds each block by its start marker, as the released config.json names.
+        audio_start_token_id=tokenizer.convert_tokens_to_ids("<|audio_bos|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_bos|>"),
         audio_config={"num_mel_bins": MELS, "encoder_layers": 1, "encoder_attention_heads": 2,
                       "encoder_ffn_dim": 32, "d_model": 16, "output_dim": 32, "n_window": 8,
                       "max_source_positions": 64},
@@ -89,7 +97,7 @@ def thinker_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5OmniThinkerConf
                        "fullatt_block_indexes": [0]},
         text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512,
+                     "max_position_embeddings": 512, "initializer_range": init_range,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": [1, 1, 2]}},
     )  # fmt: skip
@@ -113,12 +121,12 @@ def chatml_tokenizer(save_dir: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def write_omni_dir(save_dir: Path) -> Path:
+def write_omni_dir(save_dir: Path, init_range: float = 0.02) -> Path:
     """Write a local Qwen2.5-Omni-thinker-like directory: tiny random thinker, its tokenizer
     and its processor's parts."""
     tokenizer = chatml_tokenizer(save_dir)
     torch.manual_seed(0)
-    thinker = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tokenizer))
+    thinker = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tokenizer, init_range))
     thinker.save_pretrained(str(save_dir))
     # Its processor's parts: 16 mel bins; 4-pixel patches, frames resized to 16 x 16.
     WhisperFeatureExtractor(feature_size=MELS).save_pretrained(str(save_dir))
@@ -251,6 +259,76 @@ def test_its_audio_video_positions_hold_its_token_ids_and_modality_ids_follow(om
     assert set(batch["modality_ids"][real].tolist()) == {0, 1, 2}
     with torch.no_grad():
         assert backbone.embed(ids, streams, batch["features"]).shape[:2] == ids.shape
+
+
+@pytest.fixture(scope="module")
+def sharp_omni_dir(tmp_path_factory) -> Path:
+    """A thinker whose text model attends sharply (initializer range 0.5): at init the default
+    range gives near-uniform attention, under which positions hardly change a score."""
+    return write_omni_dir(tmp_path_factory.mktemp("qwen_omni_sharp"), init_range=0.5)
+
+
+def test_it_scores_and_generates_at_the_thinkers_own_tmrope_positions(sharp_omni_dir):
+    """Closed-set scores (prompt once + answer tree) and greedy generation equal the thinker's
+    own forward and generate on its own inputs (token ids, log-mels, pixels, grid, seconds per
+    grid), which compute TMRoPE positions themselves."""
+    data = omni_datamodule(sharp_omni_dir)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    tokenizer = data.collator.prompt_builder.tokenizer
+    backbone = QwenOmniThinker(path=str(sharp_omni_dir), video_grid=GRID, seconds_per_grid=2.0)
+    llm = MultimodalEmotionLLM(backbone, tokenizer, data.streams, MER2023.labels).eval()
+    reference = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(sharp_omni_dir)).eval()
+
+    ids, streams = batch["input_ids"], batch["stream_ids"]
+    positions = llm.positions(ids, batch["modality_ids"])
+    assert positions.shape == (3, *ids.shape)
+    video = positions[:, streams == 0]  # (3, video tokens): rows and columns differ from time
+    assert not torch.equal(video[1], video[2]) and not torch.equal(video[0], video[1])
+    audio = positions[:, streams == 1]
+    assert torch.equal(audio[0], audio[1]) and torch.equal(audio[1], audio[2])  # sequential
+
+    mels = unpack_audio(batch["features"]["audio"], MELS)
+    pixels = unpack_video(batch["features"]["video"], MERGE).view(len(ids), -1, VIDEO_DIM // 4)
+    with torch.no_grad():
+        scores = llm.score_labels(batch)
+        # The repeated rows (prompt + answer, as the LM loss runs) sit at the same positions.
+        assert torch.allclose(llm.score_labels_repeated(batch), scores, atol=1e-4)
+        texts = llm.generate(batch, max_new_tokens=3)
+    lengths = (batch["modality_ids"] != int(Modality.PAD)).sum(dim=1)
+    for row in range(len(ids)):
+        inputs = {
+            "input_features": mels[row : row + 1],
+            "feature_attention_mask": torch.ones(1, mels.shape[-1], dtype=torch.long),
+            "pixel_values_videos": pixels[row],
+            "video_grid_thw": torch.tensor([GRID]),
+            "video_second_per_grid": torch.tensor([2.0]),
+        }
+        prompt = ids[row, : lengths[row]]
+        expected = []
+        for answer in llm.label_answer_ids:
+            seq = torch.cat([prompt, torch.tensor(answer)])[None]
+            with torch.no_grad():
+                logits = reference(input_ids=seq, attention_mask=torch.ones_like(seq), **inputs)
+            logprobs = torch.log_softmax(logits.logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+            token_lp = logprobs.gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+            expected.append(token_lp.mean() if llm.length_normalize else token_lp.sum())
+        assert torch.allclose(scores[row], torch.stack(expected), atol=1e-4), row
+        with torch.no_grad():
+            out = reference.generate(
+                input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), **inputs,
+                max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        assert texts[row] == tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+
+def test_a_block_without_its_start_marker_is_one_line(omni_dir):
+    tokenizer = load_tokenizer(str(omni_dir))
+    backbone = QwenOmniThinker(path=str(omni_dir), video_grid=GRID)
+    backbone.build(tokenizer, [StreamSpec(**s) for s in STREAMS])
+    ids = torch.tensor([[tokenizer.eos_token_id, *[backbone.audio_token_id] * AUDIO_TOKENS]])
+    with pytest.raises(InvalidInputError, match=r"<\|audio_bos\|> before the placeholder"):
+        backbone.position_ids(ids, torch.ones_like(ids, dtype=torch.bool))
 
 
 def test_other_configs_keep_the_pad_id_and_an_unknown_token_is_one_line(omni_dir, workdir, capsys):

@@ -62,6 +62,19 @@ PromptFormat = Literal["auto", "chat", "inst"]
 _SENTINEL = "MOSEAR_PROMPT_CONTENT"
 
 
+#: The stream placeholders of the built-in templates (MER2023's three feature streams).
+BUILTIN_STREAMS = ("face", "video", "audio")
+
+
+def only_streams(template: str, present: set[str]) -> str:
+    """A built-in ``template`` without the placeholders (and the space before each) of the
+    built-in streams that are not in ``present``."""
+    for name in BUILTIN_STREAMS:
+        if name not in present:
+            template = template.replace(" {" + name + "}", "").replace("{" + name + "}", "")
+    return template
+
+
 def chat_templates(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
     """:data:`CHAT_INSTRUCTIONS` wrapped in the tokenizer's chat template (one user turn and the
     generation prompt), followed by each task's answer prefix; BOS is left to the builder."""
@@ -165,10 +178,17 @@ class PromptBuilder:
         label_answer_ids(tokenizer, self.labels)  # refuses labels the tokenizer cannot tell apart
         #: Whether the prompts are the tokenizer's chat template (whitespace is then kept).
         self.chat = uses_chat_template(tokenizer, prompt_format, templates)
+        # The built-in templates name the MER2023 streams; a data set without one of them
+        # (a world with one visual stream) gets them without its placeholder. A user's own
+        # templates are taken as written.
+        present = {s.name for s in self.streams}
         if self.chat:
-            self.templates = {**chat_templates(tokenizer), **(templates or {})}
+            builtin = {k: only_streams(v, present) for k, v in chat_templates(tokenizer).items()}
+            self.templates = {**builtin, **(templates or {})}
+        elif templates is None:
+            self.templates = {k: only_streams(v, present) for k, v in DEFAULT_TEMPLATES.items()}
         else:
-            self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
+            self.templates = dict(templates)
         self._stream_index = {s.name: i for i, s in enumerate(self.streams)}
         # Token ids per text piece and per answer: the collator asks for the same template
         # pieces, label words and (every epoch) subtitles again and again, and the tokenizer
@@ -187,9 +207,11 @@ class PromptBuilder:
                 raise ValueError(f"prompt template {task!r} has unknown placeholders {unknown}")
 
     def _text_ids(self, text: str) -> list[int]:
-        # A chat template's newlines and special tokens are kept; only the spaces next to the
-        # feature placeholders go. The [INST] format joins words by single spaces.
-        text = text.strip(" ") if self.chat else " ".join(text.split())
+        # Only the whitespace next to the feature placeholders goes (each piece is tokenized
+        # alone, as MiniGPT-v2 tokenizes the segments between its placeholders); inside a
+        # piece the template is kept exactly: a chat template's newlines, and Emotion-LLaMA's
+        # double spaces before `[emotion]` and `[/INST]`, change the token ids.
+        text = text.strip(" ") if self.chat else text.strip()
         if not text:
             return []
         ids = self._piece_ids.get(text)

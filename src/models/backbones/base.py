@@ -100,6 +100,13 @@ class EmotionBackbone(nn.Module, ABC):
         """Input embeddings of the prompts, ``(B, T, hidden)``: text tokens embedded, and every
         position with ``stream_ids == i`` filled from stream ``i``'s features."""
 
+    def position_ids(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """The model's own position ids of right- or left-padded sequences (``valid``: the
+        non-padding positions, ``(B, T)`` boolean), ``(B, T)`` or ``(axes, B, T)``; ``None``
+        (the default): positions count the sequence's tokens, as the LM does by itself. A
+        model with multimodal positions (Qwen2.5-Omni's TMRoPE) overrides this."""
+        return None
+
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The backbone's own trainable parameters by modality name (``audio``, ``visual``),
         e.g. its projectors: they join that modality's optimizer group."""

@@ -61,18 +61,21 @@ DEFAULT_ROLES: dict[str, str] = {
 #: face, video, audio and CLS inside ``<feature>``, then the subtitle and the task. The label
 #: list is the released one (the model saw these words); ``{labels}`` lists the data set's own.
 #: (Its ``generate`` path puts all 260 tokens at ``<VideoHere>`` instead; the training layout
-#: is the one closed-set scoring, like its ``multi_select``, uses.)
+#: is the one closed-set scoring, like its ``multi_select``, uses.) The spacing is the released
+#: one to the character: ``"The person in video says: {}. "`` and ``"[{task}] {instruction} "``
+#: joined by a space, inside ``"[INST] {} [/INST]"``, so two spaces come before ``[emotion]``
+#: and before ``[/INST]``; the builder keeps them (SentencePiece gives them their own token).
 TEMPLATES: dict[str, str] = {
     "emotion": (
         "[INST] <video> {image} </video> <feature> {face} {video} {audio} {cls} </feature> "
-        "The person in video says: {subtitle}. [emotion] Please determine which emotion label "
+        "The person in video says: {subtitle}.  [emotion] Please determine which emotion label "
         "in the video represents: happy, sad, neutral, angry, worried, surprise, fear, "
-        "contempt, doubt. [/INST]"
+        "contempt, doubt.  [/INST]"
     ),
     "reason": (
         "[INST] <video> {image} </video> <feature> {face} {video} {audio} {cls} </feature> "
-        "The person in video says: {subtitle}. [reason] Please analyze all the clues in the "
-        "video and reason out the emotional label of the person in the video. [/INST]"
+        "The person in video says: {subtitle}.  [reason] Please analyze all the clues in the "
+        "video and reason out the emotional label of the person in the video.  [/INST]"
     ),
 }
 #: Top-level key of a converted checkpoint describing its LoRA (plain data).

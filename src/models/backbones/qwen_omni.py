@@ -25,10 +25,14 @@ With a fixed clip length, frame count and resolution every clip gives the same t
 streams' ``tokens``. :mod:`src.models.qwen_omni_inputs` computes these features from raw clips
 with the model's own processor (online encoders; ``extract`` stores them).
 
-Known differences from the released pipeline: positions are sequential (the thinker's TMRoPE
-gives audio/video tokens time-aligned 3D positions; with equal positions on all three axes its
-M-RoPE is plain RoPE), audio and video are two blocks (the processor interleaves them in 2 s
-chunks with ``use_audio_in_video``).
+Positions are the thinker's TMRoPE (:meth:`QwenOmniThinker.position_ids`, computed by the
+thinker's own ``get_rope_index``): video tokens at 3D (time, row, column) positions, time 25 per
+second, audio and text sequential on all three axes; every forward (the LM loss, closed-set
+scoring with its answer tree, generation) runs at them. Known differences from the released
+pipeline: audio and video are two blocks (the processor interleaves them in 2 s chunks with
+``use_audio_in_video``), and one ``seconds_per_grid`` holds for every clip (the processor takes
+each clip's own frame rate; clips decoded to ``num_frames`` frames have
+``seconds_per_grid = temporal_patch_size x duration / num_frames``).
 
 As the thinker, the backbone finds its audio and video positions by their token ids, its
 config's ``audio_token_id`` (``<|AUDIO|>``) and ``video_token_id`` (``<|VIDEO|>``): the data
@@ -97,6 +101,13 @@ def unpack_video(rows: torch.Tensor, merge: int) -> torch.Tensor:
     return rows.reshape(-1, rows.shape[-1] // (merge * merge))
 
 
+def _runs(flags: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The start index and the length of each run of ``True`` in a 1D boolean tensor."""
+    edges = torch.diff(torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)]).int())
+    starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+    return starts, (ends - starts).tolist()
+
+
 class OmniThinkerLM(Qwen2_5OmniPreTrainedModel, GenerationMixin):
     """The thinker's text model and ``lm_head`` as a causal LM (the thinker's own modules).
 
@@ -162,6 +173,10 @@ class QwenOmniThinker(EmotionBackbone):
             the video processor gives for the data's ``media.num_frames`` and ``frame_size``:
             ``t = frames / 2``, ``h = w = side / 14``); needed with a visual stream, whose
             ``tokens`` must be ``t h w / 4``.
+        seconds_per_grid: Seconds one temporal patch of a clip spans (TMRoPE puts video tokens
+            ``25 x seconds_per_grid`` apart in time): the processor's ``video_second_per_grid``,
+            ``temporal_patch_size / fps`` of the sampled frames; 1.0 is its default (2 frames
+            per patch at 2 fps).
     """
 
     def __init__(
@@ -172,6 +187,7 @@ class QwenOmniThinker(EmotionBackbone):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         video_grid: list[int] | None = None,
+        seconds_per_grid: float = 1.0,
     ) -> None:
         super().__init__(prompt_format="chat")
         require_weights(path, config, "a local Qwen2.5-Omni directory")
@@ -180,6 +196,9 @@ class QwenOmniThinker(EmotionBackbone):
         self.path, self.config, self.seed = path, config, seed
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
         self.video_grid = None if video_grid is None else [int(v) for v in video_grid]
+        if not seconds_per_grid > 0:
+            raise ValueError(f"model.backbone.seconds_per_grid must be > 0, got {seconds_per_grid}")
+        self.seconds_per_grid = float(seconds_per_grid)
         self.streams: list[StreamSpec] = []
 
     def settings(self) -> dict[str, PlainValue]:
@@ -190,6 +209,7 @@ class QwenOmniThinker(EmotionBackbone):
             "dtype": self.dtype_name,
             "attn_implementation": self.attn_implementation,
             "video_grid": self.video_grid,
+            "seconds_per_grid": self.seconds_per_grid,
         }
 
     # ---------------------------------------------------------------------------- building
@@ -226,6 +246,23 @@ class QwenOmniThinker(EmotionBackbone):
         self.visual = thinker.model.visual
         self.language_model = OmniThinkerLM(thinker.model.language_model, thinker.lm_head)
         self.language_model.eval()
+        # The thinker's TMRoPE (a bound method: a plain attribute, so the thinker's modules are
+        # not registered twice). It finds each block by its start marker, which the released
+        # config.json names; a config without them takes the tokenizer's markers.
+        self._rope_index = thinker.model.get_rope_index
+        self._block_starts = {}
+        for key, marker in (("audio_start_token_id", "<|audio_bos|>"),
+                            ("vision_start_token_id", "<|vision_bos|>")):  # fmt: skip
+            value = getattr(thinker.config, key, None)
+            if value is None:
+                value = tokenizer.convert_tokens_to_ids(marker)
+                if value is None or value == tokenizer.unk_token_id:
+                    raise InvalidInputError(
+                        f"the thinker's config has no {key} and the tokenizer no {marker!r}: "
+                        "use the checkpoint's own tokenizer and config"
+                    )
+                setattr(thinker.config, key, int(value))
+            self._block_starts[key] = int(value)
         #: The placeholder ids of the thinker's audio and video positions, and their tokens.
         self.audio_token_id = int(thinker.config.audio_token_id)
         self.video_token_id = int(thinker.config.video_token_id)
@@ -312,6 +349,37 @@ class QwenOmniThinker(EmotionBackbone):
         out[input_ids == self.audio_token_id] = int(Modality.AUDIO)
         out[input_ids == self.video_token_id] = int(Modality.VISUAL)
         return out
+
+    def position_ids(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """TMRoPE positions ``(3, B, T)``, as the thinker's ``get_rope_index`` gives them for
+        these prompts (its ``<|vision_bos|>``/``<|audio_bos|>`` blocks): each video block of
+        grid ``video_grid`` at ``seconds_per_grid``, each audio block of ``4 k`` mel frames for
+        its ``k`` tokens; padding (``~valid``) is skipped."""
+        ids = input_ids.masked_fill(~valid, -1)
+        audio = [n for row in ids for n in _runs(row == self.audio_token_id)[1]]
+        videos = sum(len(_runs(row == self.video_token_id)[1]) for row in ids)
+        for row in ids:
+            for token, key, block in ((self.audio_token_id, "audio_start_token_id", "audio"),
+                                      (self.video_token_id, "vision_start_token_id", "video")):
+                starts, _ = _runs(row == token)
+                before = row[(starts - 1).clamp(min=0)]
+                if bool((starts == 0).any() or (before != self._block_starts[key]).any()):
+                    raise InvalidInputError(
+                        f"Qwen2.5-Omni's positions need every {block} block right after its "
+                        f"start marker (token id {self._block_starts[key]}): put "
+                        f"<|{'audio' if block == 'audio' else 'vision'}_bos|> before the "
+                        "placeholder in data.templates (as conf/experiment/qwen2_5_omni.yaml)"
+                    )
+        device = input_ids.device
+        grids = torch.tensor([self.video_grid or [1, 1, 1]] * videos, device=device).view(-1, 3)
+        positions, _ = self._rope_index(
+            input_ids,
+            video_grid_thw=grids,
+            attention_mask=valid.long(),
+            audio_seqlens=torch.tensor(audio, device=device) * MELS_PER_TOKEN,
+            second_per_grids=torch.full((videos,), self.seconds_per_grid),
+        )
+        return positions
 
     def _check_placeholders(self, input_ids: torch.Tensor, stream_ids: torch.Tensor) -> None:
         """The stream positions are exactly the positions the token ids mark, each of its

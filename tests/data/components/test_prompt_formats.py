@@ -103,3 +103,25 @@ def test_repeated_prompts_and_answers_reuse_their_token_ids(bpe):
     assert builder.answer_ids("happy") == fresh.answer_ids("happy") == first_answer
     builder.encode("she stayed .")
     assert calls  # a new subtitle is tokenized
+
+
+def test_the_builtin_prompts_name_only_the_streams_a_data_set_has(bpe):
+    """A world with one visual stream (``face``) and audio: the built-in templates drop
+    ``{video}`` in both formats; a user's own template naming a missing stream is refused."""
+    face_audio = [STREAMS[0], STREAMS[2]]
+    for tokenizer_has_chat in (False, True):
+        bpe.chat_template = CHATML if tokenizer_has_chat else None
+        builder = PromptBuilder(bpe, face_audio, LABELS)
+        prompt = builder.encode("i went home .")
+        assert [s for s in prompt.stream_ids if s >= 0] == [0, 0, 1]
+        assert "<video></video> <audio></audio>" in text_of(builder, "i went home .")
+    with pytest.raises(ValueError, match="unknown placeholders {'video'}"):
+        PromptBuilder(bpe, face_audio, LABELS, {"emotion": "{face} {video} {audio} answer :"})
+
+
+def test_inst_whitespace_inside_a_piece_is_kept_as_written(bpe):
+    """Emotion-LLaMA's released prompt has two spaces before ``[/INST]``: a byte-level BPE
+    gives them their own token, so collapsing them would change the ids."""
+    template = {"emotion": "[INST] {face} {video} {audio} says : {subtitle} .  [/INST]"}
+    builder = PromptBuilder(bpe, STREAMS, LABELS, template, "inst")
+    assert text_of(builder, "i  went home") == "<s>[INST]says : i went home .  [/INST]"
