@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
     PreTrainedTokenizerFast,
     Qwen2AudioConfig,
     Qwen2AudioForConditionalGeneration,
@@ -115,10 +117,18 @@ def test_the_audio_positions_hold_the_models_own_audio_features(audio_dir):
     waves = torch.randn(2, 4000) * torch.tensor([[1.0], [0.01]])
     lengths = torch.tensor([4000, 1500])  # one clip cut, one zero-padded
     rows = encoder(waves, lengths)
-    clips = [waves[0, : encoder.samples], torch.cat([waves[1, :1500], torch.zeros(encoder.samples - 1500)])]
+    clips = [
+        waves[0, : encoder.samples],
+        torch.cat([waves[1, :1500], torch.zeros(encoder.samples - 1500)]),
+    ]
     extractor = WhisperFeatureExtractor.from_pretrained(str(audio_dir))
-    processed = extractor([c.numpy() for c in clips], sampling_rate=16000,
-                          return_attention_mask=True, padding="max_length", return_tensors="pt")  # fmt: skip
+    processed = extractor(
+        [c.numpy() for c in clips],
+        sampling_rate=16000,
+        return_attention_mask=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
     mels = processed.input_features
     assert mels.shape == (2, MELS, 2 * POSITIONS)
     assert torch.allclose(unpack_audio(rows, MELS), mels[:, :, : 4 * AUDIO_TOKENS])
@@ -185,7 +195,9 @@ def test_a_prompt_without_its_audio_token_is_refused(audio_dir):
     input_ids = torch.full_like(stream_ids, tokenizer.pad_token_id)
     features = {"frames": torch.randn(1, FRAME_TOKENS, FRAME_DIM),
                 "audio": pack_audio(torch.randn(1, MELS, 4 * AUDIO_TOKENS))}  # fmt: skip
-    with pytest.raises(InvalidInputError, match=r"data.placeholder_tokens \{audio: '<\|AUDIO\|>'\}"):
+    with pytest.raises(
+        InvalidInputError, match=r"data.placeholder_tokens \{audio: '<\|AUDIO\|>'\}"
+    ):
         backbone.embed(input_ids, stream_ids, features)  # pad ids at the audio positions
     input_ids[stream_ids == 1] = backbone.audio_token_id
     input_ids[0, 0] = backbone.audio_token_id  # one more, at a text position
@@ -252,9 +264,9 @@ def config_file(folder: Path, audio_dir: Path) -> str:
 def test_a_wrong_stream_or_missing_placeholder_is_one_line(audio_dir, workdir, capsys):
     config = config_file(workdir, audio_dir)
     wrong = [dict(s, dim=AUDIO_DIM + 1) if s["name"] == "audio" else s for s in STREAMS]
-    line = expect_user_error(capsys, [
-        "test", "--config", config, "--allow_untrained", "true",
-        "--data.init_args.streams", yaml.safe_dump(wrong, default_flow_style=True).strip()])  # fmt: skip
+    streams = yaml.safe_dump(wrong, default_flow_style=True).strip()
+    line = expect_user_error(capsys, ["test", "--config", config, "--allow_untrained", "true",
+                                      "--data.init_args.streams", streams])  # fmt: skip
     assert "stream 'audio': Qwen2-Audio takes its feature extractor's log-mels" in line
     assert f"dim {AUDIO_DIM} and at most {POSITIONS // 2} tokens" in line
     line = expect_user_error(capsys, ["test", "--config", config, "--allow_untrained", "true",
@@ -290,8 +302,8 @@ def test_lora_and_mose_fit_its_lm_and_ar_tests_its_lm(audio_dir, workdir):
     assert mose.trainer.state.finished
     lm = mose.model.model.language_model
     assert {n.rsplit(".", 1)[-1] for n, _ in mose_layers(lm)} == {"q_proj", "v_proj"}
-    assert not any("lora_" in n or "mose" in n.lower()
-                   for n, _ in mose.model.model.backbone.audio_tower.named_parameters())  # fmt: skip
+    tower = mose.model.model.backbone.audio_tower
+    assert not any("lora_" in n or "mose" in n.lower() for n, _ in tower.named_parameters())
 
 
 def test_the_audio_input_is_the_processors_own_log_mels(audio_dir):
@@ -348,14 +360,17 @@ def test_raw_clips_go_through_its_extractor_tower_and_frame_projector(audio_dir,
 
 def layer_args(audio_dir: Path) -> list[str]:
     """conf/experiment/qwen2_audio.yaml with only the directories and the sizes made tiny."""
+
     streams = yaml.safe_dump(STREAMS, default_flow_style=True).strip()
-    frames = yaml.safe_dump({"class_path": "src.models.encoders.VisualEncoder",
-                             "init_args": {"kind": "clip", "config": VISION,
-                                           "tokens": FRAME_TOKENS}}, default_flow_style=True)  # fmt: skip
+    clip = audio_dir / "clip"  # a tiny CLIP vision model in place of /models/clip-vit-...
+    if not clip.is_dir():
+        torch.manual_seed(0)
+        CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(str(clip))
     return [
         "--config", str(LAYER),
         "--model.backbone.path", str(audio_dir), "--model.backbone.dtype", "float32",
-        "--model.init_args.encoders.frames", frames.strip(),
+        "--model.init_args.encoders.frames.init_args.pretrained", str(clip),
+        "--model.init_args.encoders.frames.init_args.tokens", str(FRAME_TOKENS),
         "--model.init_args.encoders.audio.init_args.processor", str(audio_dir),
         "--model.init_args.encoders.audio.init_args.tokens", str(AUDIO_TOKENS),
         "--data.init_args.tokenizer", str(audio_dir), "--data.init_args.source", "features",
@@ -375,6 +390,8 @@ def test_the_7b_layer_runs_with_the_tiny_model_in_its_place(audio_dir, workdir):
     assert type(fit.model.model.backbone).__name__ == "Qwen2AudioWithFrames"
     assert fit.datamodule.prompt_format == "chat"
     lora_ar = str(REPO / "conf/experiment/lora_ar.yaml")
-    tested = main(["test", "--config", lora_ar, *layer_args(audio_dir), "--allow_untrained", "true"])
+    tested = main(
+        ["test", "--config", lora_ar, *layer_args(audio_dir), "--allow_untrained", "true"]
+    )
     metrics = tested.trainer.callback_metrics
     assert "test/acc" in metrics and "test/attn_share/audio" in metrics
