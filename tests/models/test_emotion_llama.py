@@ -94,11 +94,11 @@ def reference_forward(lm_dir, state, subtitle, eva, face, video, audio):
     )
     # The released prompt, built as its data set and MiniGPT-v2 build it (first_face.py's
     # instruction inside "[INST] {} [/INST]"), then cut at its two placeholders.
-    line = "The person in video says: {}. ".format(subtitle)
+    line = f"The person in video says: {subtitle}. "
     instruction = "<video><VideoHere></video> <feature><FeatureHere></feature> {} [{}] {} ".format(
         line, "emotion", RELEASED_EMOTION_INSTRUCTION
     )
-    head, rest = "[INST] {} [/INST]".format(instruction).split("<VideoHere>")
+    head, rest = f"[INST] {instruction} [/INST]".split("<VideoHere>")
     middle, tail = rest.split("<FeatureHere>")
     assert "  [emotion]" in tail and tail.endswith("  [/INST]")  # the released double spaces
     bos = lm.get_input_embeddings()(torch.tensor([tok.bos_token_id]))

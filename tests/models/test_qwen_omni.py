@@ -278,7 +278,9 @@ def test_it_scores_and_generates_at_the_thinkers_own_tmrope_positions(sharp_omni
     tokenizer = data.collator.prompt_builder.tokenizer
     backbone = QwenOmniThinker(path=str(sharp_omni_dir), video_grid=GRID, seconds_per_grid=2.0)
     llm = MultimodalEmotionLLM(backbone, tokenizer, data.streams, MER2023.labels).eval()
-    reference = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(sharp_omni_dir)).eval()
+    reference = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        str(sharp_omni_dir)
+    ).eval()
 
     ids, streams = batch["input_ids"], batch["stream_ids"]
     positions = llm.positions(ids, batch["modality_ids"])

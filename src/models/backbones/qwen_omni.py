@@ -359,8 +359,10 @@ class QwenOmniThinker(EmotionBackbone):
         audio = [n for row in ids for n in _runs(row == self.audio_token_id)[1]]
         videos = sum(len(_runs(row == self.video_token_id)[1]) for row in ids)
         for row in ids:
-            for token, key, block in ((self.audio_token_id, "audio_start_token_id", "audio"),
-                                      (self.video_token_id, "vision_start_token_id", "video")):
+            for token, key, block in (
+                (self.audio_token_id, "audio_start_token_id", "audio"),
+                (self.video_token_id, "vision_start_token_id", "video"),
+            ):
                 starts, _ = _runs(row == token)
                 before = row[(starts - 1).clamp(min=0)]
                 if bool((starts == 0).any() or (before != self._block_starts[key]).any()):
