@@ -24,6 +24,7 @@ data config.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -79,10 +80,18 @@ class Job:
         return (self.folder / "result.json").is_file()
 
 
-def world_tags(name: str) -> str:
-    """The ``{world: <name>}`` tag mapping as a CLI value: JSON (valid YAML), so that the
-    ``null`` world stays the string ``"null"`` instead of YAML's None."""
-    return json.dumps({"world": name})
+def world_tags(name: str, job_id: str | None = None) -> str:
+    """The ``{world: <name>}`` tag mapping (plus the job's own id) as a CLI value: JSON (valid
+    YAML), so that the ``null`` world stays the string ``"null"`` instead of YAML's None."""
+    tags = {"world": name} if job_id is None else {"world": name, "ablation_job": job_id}
+    return json.dumps(tags)
+
+
+def job_id(folder: Path) -> str:
+    """A run's own tag value: its output folder, hashed. World, method and seed do not name a
+    run: two calls with different ``--override``s (or ``--output``s) into one experiment share
+    them, and a run must read back its own metrics."""
+    return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
 
 
 def world_config(world: str) -> Path:
@@ -115,7 +124,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 folder = Path(args.output).resolve() / "runs" / name / method / f"seed{seed}"
                 job = Job(name, method, seed, folder)
                 # `method` and `seed` are the CLI's own tags (derived from the config).
-                tags = world_tags(name)
+                tags = world_tags(name, job_id(folder))
                 common = [
                     "--config", str(REPO / config), "--data", data,
                     "--seed_everything", str(seed),
@@ -176,8 +185,8 @@ def run_metrics(tracking_uri: str, experiment: str, job: Job) -> dict[str, float
     runs = client.search_runs(
         [found.experiment_id],
         filter_string=(
-            f"tags.world = '{job.world}' and tags.method = '{job.tag}' "
-            f"and tags.seed = '{job.seed}' and attributes.status = 'FINISHED'"
+            f"tags.ablation_job = '{job_id(job.folder)}' and tags.method = '{job.tag}' "
+            "and attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.start_time DESC"],
         max_results=1,

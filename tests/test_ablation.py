@@ -68,3 +68,25 @@ def test_the_null_world_is_tagged_as_a_string():
     from ablation import world_tags
 
     assert yaml.safe_load(world_tags("null")) == {"world": "null"}
+
+
+def test_each_run_reads_back_its_own_metrics(tmp_path):
+    """Two calls into one experiment with the same world, method and seed (another
+    ``--override`` or ``--output``) tag their runs apart, and each run's metrics are looked up
+    by its own tag, not by the latest run with its world, method and seed."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import ablation as script
+
+    def tags_of(output: str) -> dict:
+        args = script.parse(["--worlds", "null", "--seeds", "0", "--methods", "lora",
+                                  "--output", str(tmp_path / output)])  # fmt: skip
+        (job,) = script.plan(args)
+        command = job.command
+        return yaml.safe_load(command[command.index("--tracking.logger.init_args.tags") + 1])
+
+    first, second = tags_of("a"), tags_of("b")
+    assert first["world"] == second["world"] == "null"
+    assert first["ablation_job"] != second["ablation_job"]
+    assert first == tags_of("a")  # stable: a resumed call finds its runs
