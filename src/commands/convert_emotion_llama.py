@@ -13,7 +13,10 @@ anything else is refused. Its keys map onto
 - ``llama_proj.*``, ``feats_llama_proj1..3.*``, ``cls_tk_llama_proj.*`` ->
   ``model.backbone.<same>``;
 - ``attention.*`` (MiniGPTBase's auxiliary classifier, built but unused by its forward) is left
-  out and listed in ``conversion.json``.
+  out and listed in ``conversion.json``;
+- ``ln_vision.*`` (EVA-CLIP-g's output LayerNorm; MiniGPT-v2 keeps it frozen, so released files
+  normally lack it) is not part of the LLM checkpoint: with ``--eva_weights`` the written
+  configs' EVA-CLIP-g encoder reads it from the released file.
 
 Any other key, or a missing one, ends in one line naming the file and the key. ``--output`` is a
 new or empty folder; it receives ``emotion_llama.ckpt``, ``test.yaml`` (the released model with
@@ -22,6 +25,12 @@ validation split: the paper's training-free use), ``test_ar_fixed.yaml`` (a fixe
 ``fit_mose.yaml``
 (MoSE fine-tuning from it: the LoRA merged into the frozen LLaMA, projectors as the start) and
 ``conversion.json``.
+
+The configs read all five streams from the feature store, or, with ``--eva_weights`` (a local
+MiniGPT-4 ``eva_vit_g.pth``), the two EVA-CLIP-g streams from the raw clips through
+:class:`~src.models.eva_clip_encoder.EVACLIPGEncoder` online (``data.source: media``, the
+clip's first frame at 448 px, bicubic) while face, video and audio stay stored
+(``data.stored_streams``).
 """
 
 import argparse
@@ -42,6 +51,10 @@ LORA_KEY = re.compile(
 )
 #: Modules Emotion-LLaMA builds but never uses in its forward: not converted.
 UNUSED_PREFIXES = ("attention.",)
+#: EVA-CLIP-g's ``ln_vision`` in the released file, when it is there (read by the encoder).
+LN_VISION_KEYS = ("ln_vision.weight", "ln_vision.bias")
+#: The streams EVA-CLIP-g fills (its encoder's outputs -> stream names); the others stay stored.
+EVA_STREAMS = {"patches": "image", "cls": "cls"}
 #: Where each role's stream is read from (folder under the data root), and its modality.
 STREAM_LAYOUT = {
     "image": ("eva_clip_g_patches", "visual"),
@@ -72,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trainer", default=str(CONF / "trainer" / "gpu.yaml"))
     parser.add_argument("--tracking", default=str(CONF / "tracking" / "mlflow.yaml"))
     parser.add_argument("--mose_adapter", default=str(CONF / "adapter" / "mose_7b.yaml"))
+    parser.add_argument(
+        "--eva_weights", default=None,
+        help="a local eva_vit_g.pth (MiniGPT-4's EVA ViT-g): the configs then run EVA-CLIP-g "
+        "online on the raw clips for the image and cls streams (data.source media); default: "
+        "all streams from the feature store",
+    )  # fmt: skip
     return parser
 
 
@@ -105,6 +124,7 @@ def convert_state(
     targets: set[str] = set()
     ranks: set[int] = set()
     skipped: list[str] = []
+    ln_vision: list[str] = []
     for key, value in state.items():
         match = LORA_KEY.fullmatch(key)
         role = key.rsplit(".", 1)[0]
@@ -124,6 +144,8 @@ def convert_state(
             converted[STATE_PREFIX + key] = value
         elif key.startswith(UNUSED_PREFIXES):
             skipped.append(key)
+        elif key in LN_VISION_KEYS:
+            ln_vision.append(key)
         else:
             raise InvalidInputError(f"{path}: unknown key {key!r} (not Emotion-LLaMA's layout)")
     expected = [f"{STATE_PREFIX}{r}.{p}" for r in ROLES for p in ("weight", "bias")]
@@ -145,7 +167,13 @@ def convert_state(
         raise InvalidInputError(f"{path}: missing key {released!r}")
     if len(ranks) != 1:
         raise InvalidInputError(f"{path}: LoRA tensors of several ranks {sorted(ranks)}")
-    lora = {"r": ranks.pop(), "target_modules": sorted(targets), "skipped": skipped}
+    if ln_vision and len(ln_vision) != len(LN_VISION_KEYS):
+        absent = next(k for k in LN_VISION_KEYS if k not in ln_vision)
+        raise InvalidInputError(f"{path}: missing key {absent!r} (it has {ln_vision[0]!r})")
+    lora = {
+        "r": ranks.pop(), "target_modules": sorted(targets), "skipped": skipped,
+        "ln_vision": sorted(ln_vision),
+    }  # fmt: skip
     return converted, lora
 
 
@@ -182,6 +210,8 @@ def _configs(cfg: argparse.Namespace, ckpt: Path, settings: dict, streams: list,
             "prompt_format": "inst",
         }
     )
+    if cfg.eva_weights is not None:
+        _online_eva(cfg, model, data["init_args"], streams, lora)
     adapter = {
         "class_path": "src.models.adapters.lora.LoRAAdapter",
         "init_args": {
@@ -212,6 +242,33 @@ def _configs(cfg: argparse.Namespace, ckpt: Path, settings: dict, streams: list,
     }
 
 
+def _online_eva(
+    cfg: argparse.Namespace, model: dict, data: dict, streams: list, lora: dict
+) -> None:
+    """EVA-CLIP-g online for the image and cls streams (as Emotion-LLaMA: the first frame,
+    squashed to 448 px bicubically); the other streams stay in the feature store."""
+    from src.models.eva_clip_encoder import EVACLIPGEncoder
+
+    ln_vision = str(Path(cfg.checkpoint).resolve()) if lora["ln_vision"] else None
+    size = 448
+    model["init_args"]["encoders"] = {
+        EVA_STREAMS["patches"]: {
+            "class_path": f"{EVACLIPGEncoder.__module__}.{EVACLIPGEncoder.__qualname__}",
+            "init_args": {
+                "weights": str(Path(cfg.eva_weights).resolve()), "ln_vision": ln_vision,
+                "image_size": size, "streams": dict(EVA_STREAMS),
+            },
+        }
+    }  # fmt: skip
+    media = dict(data.get("media") or {})
+    media.update(strategy="first", frame_size=size, crop=False, interpolation="bicubic")
+    data.update(
+        source="media",
+        media=media,
+        stored_streams=[s.name for s in streams if s.name not in EVA_STREAMS.values()],
+    )
+
+
 def main(argv: list[str]) -> int:
     import lightning
     import torch
@@ -228,6 +285,13 @@ def main(argv: list[str]) -> int:
         # Never written over: a command only writes files it made.
         raise InvalidInputError(f"--output {output}: exists and is not an empty folder")
     source = Path(cfg.checkpoint)
+    if cfg.eva_weights is not None and not Path(cfg.eva_weights).is_file():
+        from src.models.eva_vit import EVA_VIT_G_URL
+
+        raise InvalidInputError(
+            f"--eva_weights {cfg.eva_weights}: not a local file; download MiniGPT-4's "
+            f"eva_vit_g.pth ({EVA_VIT_G_URL}) and pass its path"
+        )
     llama = resolve_local(cfg.llama, "--llama")
     lm_config = AutoConfig.from_pretrained(str(llama), local_files_only=True)
     state = _released_state(source)
@@ -275,6 +339,7 @@ def main(argv: list[str]) -> int:
         "source": str(source), "checkpoint": ckpt.name, "tensors": len(converted),
         "lora": {k: lora[k] for k in ("r", "alpha", "target_modules")},
         "skipped": lora["skipped"], "streams": [asdict(s) for s in streams],
+        "eva_weights": cfg.eva_weights, "ln_vision": lora["ln_vision"],
     }  # fmt: skip
     (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
     print(

@@ -38,10 +38,14 @@ from src.data.components.feature_store import FeatureStore
 from src.data.components.media import MediaDecodeError
 from src.data.components.media_source import MediaLoader, MediaSpec, media_needs
 from src.data.components.skip_report import SkipReport
-from src.data.components.store_identity import claim_feature_folder, encoder_identity
+from src.data.components.store_identity import (
+    claim_feature_folder,
+    encoder_identity,
+    encoder_location,
+)
 from src.data.formats.rows import FormatError, utf8_errors
 from src.io.atomic import atomic_open
-from src.models.online_features import encode_media
+from src.models.online_features import encode_media, stream_owners
 
 REPORT_NAME = "extract_report.csv"
 
@@ -132,14 +136,15 @@ def extract_features(
         report: Report to add failures to (e.g. one that already holds annotation skips).
     """
     by_name = {s.name: s for s in streams}
-    unknown = sorted(set(encoders) - set(by_name))
+    owners = stream_owners(encoders)  # a multi-stream encoder (EVA-CLIP-g) fills several
+    unknown = sorted(set(owners) - set(by_name))
     if unknown:
         raise ValueError(f"encoders for unknown streams {unknown}; streams are {sorted(by_name)}")
-    targets = [by_name[n] for n in encoders]
+    targets = [by_name[n] for n in owners]
     for stream in targets:
         # Before any file is written: a store is never extended by another encoder.
-        encoder = encoders[stream.name]
-        where = {"pretrained": dict(getattr(encoder, "hparams", {}) or {}).get("pretrained")}
+        encoder = encoders[owners[stream.name]]
+        where = encoder_location(encoder)
         identity = encoder_identity(encoder, stream, loader.spec)
         claim_feature_folder(Path(output) / stream.feature_dir, identity, where)
     result = ExtractResult(report=report if report is not None else SkipReport())
@@ -262,7 +267,8 @@ def build_parser() -> ArgumentParser:
         "--encoders",
         type=dict[str, L.LightningModule],
         required=True,
-        help="stream name -> encoder (src.models.encoders.AudioEncoder / VisualEncoder)",
+        help="stream name -> encoder (src.models.encoders.AudioEncoder / VisualEncoder; "
+        "src.models.eva_clip_encoder.EVACLIPGEncoder fills two streams, under either name)",
     )
     parser.add_argument("--output", type=str | None, default=None, help="store root")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -311,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             names = read_names(init.names) if init.names else _clip_names(root, spec)
             streams, output = init.streams, Path(init.output)
         by_name = {s.name: s for s in streams}
-        video, audio = media_needs([by_name[n] for n in encoders if n in by_name])
+        filled = stream_owners(encoders)
+        video, audio = media_needs([by_name[n] for n in filled if n in by_name])
         loader = MediaLoader(root, spec, video=video, audio=audio)
         result = extract_features(
             names,

@@ -53,6 +53,9 @@ class EmotionDataModule(L.LightningDataModule):
         source: ``features`` reads the feature store (``<root>/<feature_dir>/<name>.npy``);
             ``media`` decodes the clips and the model's online encoders compute the features.
         media: Where the clips are and how they are decoded (``source: media`` and ``extract``).
+        stored_streams: With ``source: media``, the streams still read from the feature store
+            (features no online encoder here computes, e.g. Emotion-LLaMA's face-MAE, VideoMAE
+            and HuBERT vectors beside an online EVA-CLIP-g); the others come from the clips.
         media_check: What :meth:`setup` checks of every clip with ``source: media``: ``probe``
             (headers: missing/empty file, broken container, missing stream), ``decode`` (decode
             every clip once: also truncated streams and zero-length audio) or ``none``.
@@ -81,6 +84,7 @@ class EmotionDataModule(L.LightningDataModule):
         media: MediaSpec | None = None,
         media_check: Literal["none", "probe", "decode"] = "probe",
         tasks: dict[str, float] | None = None,
+        stored_streams: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -99,6 +103,10 @@ class EmotionDataModule(L.LightningDataModule):
         self.source = source
         self.media = media or MediaSpec()
         self.media_check = media_check
+        self.stored_streams = list(stored_streams or [])
+        unknown = sorted(set(self.stored_streams) - {s.name for s in self.streams})
+        if unknown:
+            raise ValueError(f"stored_streams: {unknown} are not among the streams")
         self.tasks = dict(tasks) if tasks else None
         for name, weight in (self.tasks or {}).items():
             if name not in TASKS or not (weight >= 0 and math.isfinite(weight)):
@@ -146,7 +154,9 @@ class EmotionDataModule(L.LightningDataModule):
 
     def media_loader(self) -> MediaLoader:
         """Decodes this data set's clips for its streams (online encoders, ``extract``)."""
-        video, audio = media_needs(self.streams)
+        video, audio = media_needs(
+            [s for s in self.streams if s.name not in self.stored_streams] or self.streams
+        )
         return MediaLoader(self.root, self.media, video=video, audio=audio)
 
     def _reject(self, err: Exception, file: str | Path, field: str, reason: str, name: str) -> None:
@@ -180,6 +190,8 @@ class EmotionDataModule(L.LightningDataModule):
         if loader is None:
             records, features = self._load_features(records)
         else:
+            stored = [s for s in self.streams if s.name in self.stored_streams]
+            records, features = self._load_features(records, stored) if stored else (records, {})
             records = self._check_media(records, loader)
         if len(self.skip_report):
             rank_zero_warn(
@@ -195,7 +207,9 @@ class EmotionDataModule(L.LightningDataModule):
             if loader is None:
                 dataset = FeatureDataset(split_records, features, label_index, self.task, tasks)
             else:
-                dataset = MediaDataset(split_records, loader, label_index, self.task, tasks)
+                dataset = MediaDataset(
+                    split_records, loader, label_index, self.task, tasks, features
+                )
             self.datasets[split] = dataset
 
     def _check_records(self, records: list[SampleRecord]) -> list[SampleRecord]:
@@ -248,9 +262,9 @@ class EmotionDataModule(L.LightningDataModule):
             )
 
     def _load_features(
-        self, records: list[SampleRecord]
+        self, records: list[SampleRecord], streams: list[StreamSpec] | None = None
     ) -> tuple[list[SampleRecord], dict[str, dict[str, np.ndarray]]]:
-        store = FeatureStore(self.root, self.streams)
+        store = FeatureStore(self.root, self.streams if streams is None else streams)
         features: dict[str, dict[str, np.ndarray]] = {}
         kept: list[SampleRecord] = []
         for record in records:

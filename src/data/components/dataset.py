@@ -76,6 +76,8 @@ class MediaDataset(FeatureDataset):
         label_index: Maps a canonical label word to its class index.
         task: ``emotion`` or ``reason``.
         tasks: Per-record task (task mixing).
+        features: Stored vectors of the streams read from the feature store anyway (per sample
+            name: stream -> array); the collator keeps them and the encoders fill the rest.
     """
 
     def __init__(
@@ -85,9 +87,11 @@ class MediaDataset(FeatureDataset):
         label_index: dict[str, int],
         task: str = "emotion",
         tasks: Sequence[str] | None = None,
+        features: dict[str, dict[str, np.ndarray]] | None = None,
     ) -> None:
-        super().__init__(records, {}, label_index, task, tasks)
+        super().__init__(records, features or {}, label_index, task, tasks)
         self.loader = loader
 
     def payload(self, record: SampleRecord) -> dict[str, Any]:
-        return self.loader.load(record.name)
+        media = self.loader.load(record.name)
+        return {**media, "features": self.features[record.name]} if self.features else media

@@ -8,6 +8,7 @@ through :class:`MediaLoader`, so the same weights give the same features either 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,10 @@ from src.data.components.media import (
 )
 
 AUDIO_SUFFIXES: tuple[str, ...] = (".wav", ".flac")
+INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+}
 CHECKS: tuple[str, ...] = ("none", "probe", "decode")
 
 
@@ -45,6 +50,8 @@ class MediaSpec:
         num_frames: Frames per clip for ``uniform`` (VideoMAE needs its ``num_frames``).
         frame_size: Side of the square ``uint8`` frames handed to the encoders.
         crop: Resize the shorter side and centre-crop (``True``) or squash to a square.
+        interpolation: Resize filter, antialiased: ``bilinear``, or ``bicubic`` (BLIP-2's and
+            Emotion-LLaMA's: EVA-CLIP-g's frames with ``frame_size: 448, crop: false``).
         sample_rate: Audio rate the encoders expect.
         max_audio_seconds: Keep only the first seconds of audio (``None``: all of it).
         video_suffixes: Clip suffixes tried in order (Emotion-LLaMA tries ``.mp4`` then ``.avi``).
@@ -56,6 +63,7 @@ class MediaSpec:
     num_frames: int = 8
     frame_size: int = 224
     crop: bool = True
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     sample_rate: int = SAMPLE_RATE
     max_audio_seconds: float | None = None
     video_suffixes: list[str] = field(default_factory=lambda: list(VIDEO_SUFFIXES))
@@ -68,6 +76,11 @@ class MediaSpec:
             )
         if self.num_frames < 1 or self.frame_size < 1:
             raise ValueError("media num_frames and frame_size must be positive")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"media interpolation must be one of {list(INTERPOLATIONS)}, got "
+                f"{self.interpolation!r}"
+            )
         if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
             raise ValueError("media max_audio_seconds must be positive (or null)")
 
@@ -76,10 +89,12 @@ class ResizeCrop(nn.Module):
     """Resize (antialiased) and centre-crop ``uint8`` frames ``(..., 3, H, W)`` to ``size``, as
     ``uint8`` (no normalisation: the encoders normalise)."""
 
-    def __init__(self, size: int, crop: bool = True) -> None:
+    def __init__(self, size: int, crop: bool = True, interpolation: str = "bilinear") -> None:
         super().__init__()
-        steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        self.transform = v2.Compose(steps if crop else [v2.Resize((size, size), antialias=True)])
+        mode = INTERPOLATIONS[interpolation]
+        square = [v2.Resize((size, size), interpolation=mode, antialias=True)]
+        steps = [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)]
+        self.transform = v2.Compose(steps if crop else square)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.transform(frames)
@@ -107,7 +122,7 @@ class MediaLoader:
             sample_rate=spec.sample_rate,
             video=video,
             audio=False,  # audio is decoded here, from the clip or a separate file
-            transform=ResizeCrop(spec.frame_size, spec.crop),  # type: ignore[arg-type]
+            transform=ResizeCrop(spec.frame_size, spec.crop, spec.interpolation),  # type: ignore[arg-type]
         )
 
     def clip_path(self, name: str) -> Path:

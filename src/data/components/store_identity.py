@@ -24,7 +24,7 @@ from src.io.atomic import atomic_create_text
 
 IDENTITY_FILE = "encoder.json"
 #: Init arguments that say where the weights are, not what they are (the weight hash does).
-_LOCATION_ARGS = ("pretrained",)
+_LOCATION_ARGS = ("pretrained", "weights", "ln_vision")
 
 
 class EncoderMismatchError(InvalidInputError):
@@ -52,6 +52,13 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def encoder_location(encoder: nn.Module) -> dict[str, Any]:
+    """Where the encoder's weights were read from (informational, beside the identity)."""
+    hparams = dict(getattr(encoder, "hparams", {}) or {})
+    extra = {k: hparams[k] for k in _LOCATION_ARGS[1:] if hparams.get(k) is not None}
+    return {"pretrained": hparams.get("pretrained"), **extra}
+
+
 def encoder_identity(encoder: nn.Module, stream: StreamSpec, media: MediaSpec) -> dict[str, Any]:
     """What a feature of ``stream`` written by ``encoder`` depends on."""
     hparams = dict(getattr(encoder, "hparams", {}) or {})
@@ -65,6 +72,8 @@ def encoder_identity(encoder: nn.Module, stream: StreamSpec, media: MediaSpec) -
             "frame_size": media.frame_size,
             "crop": media.crop,
         }
+        if media.interpolation != "bilinear":  # recorded only when set: older stores match
+            decoding["interpolation"] = media.interpolation
     return _plain(
         {
             "encoder": f"{kind.__module__}.{kind.__qualname__}",
