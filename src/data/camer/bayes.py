@@ -4,8 +4,11 @@ The generator knows its likelihood (:mod:`src.data.camer.synthetic`), so the bes
 can do on a split is computable. With orthonormal ``W_s``, ``u = W_s^T x / g`` of an evidence row
 is sufficient for the label and Gaussian, ``u ~ N(a e_j, v I)`` with ``v = sigma^2 + tau^2``
 (scene content lies outside ``W_s``; distractor rows and the rest of the feature space do not
-depend on any label). Summing a modality's evidence rows over its streams gives ``S_m`` and
-``n_m`` rows, and the log-likelihood that modality ``m`` shows label ``j`` at strength ``a`` is
+depend on any label). A signed stream (``sign_streams``) shows ``s u``; its sign is read off
+``d . x`` first (exact up to an error probability ``Phi(-sign_strength / tau)``, about
+``10^-89`` at the defaults), so its ``u`` is the same statistic. Summing a modality's evidence
+rows over its streams gives ``S_m`` and ``n_m`` rows, and the log-likelihood that modality
+``m`` shows label ``j`` at strength ``a`` is
 
     l_m(j, a) = (a S_m[j] - n_m a^2 / 2) / v_m      (+ a constant).
 
@@ -82,7 +85,10 @@ def evidence_sums(
         scale = config.audio_scale if _modality(s) == "audio" else config.visual_scale
         x = np.asarray(features[s.name], dtype=np.float64) / scale
         rows = x[world.evidence[s.name]] if s.sequence else x[None, :]
-        sums[_modality(s)] += (rows @ world.embed[s.name]).sum(axis=0)
+        u = (rows @ world.embed[s.name]).sum(axis=0)
+        if s.name in world.sign_axis:  # undo the sample's sign, which d . x reveals
+            u = u * (1.0 if float(x @ world.sign_axis[s.name]) >= 0 else -1.0)
+        sums[_modality(s)] += u
     return sums
 
 

@@ -140,6 +140,13 @@ class SyntheticCAMERConfig:
             carries in feature directions outside the label subspace.
         audio_scale: Factor ``g`` on every stored audio feature (same information).
         visual_scale: Factor ``g`` on every stored visual feature (same information).
+        sign_streams: Pooled streams whose label evidence is multiplied by a random sign
+            ``s = +-1`` per sample, which the stream also stores along a fixed direction ``d``
+            orthogonal to ``W_s`` (``x = g (s W_s z + sign_strength s d + tau eta)``): the label
+            is readable only through the product of the two, a non-linear read-out, with the
+            same Bayes information (``d . x`` reveals ``s``; wrong with probability
+            ``Phi(-sign_strength / tau)``).
+        sign_strength: Length of the sign's direction ``d`` in feature space.
         subtitle_words: Range (min, max) of subtitle length in words.
         world: Name of the world these settings make (``conf/data/worlds/<world>.yaml``).
     """
@@ -164,6 +171,8 @@ class SyntheticCAMERConfig:
     scene_strength: float = 0.0
     audio_scale: float = 1.0
     visual_scale: float = 1.0
+    sign_streams: list[str] | None = None
+    sign_strength: float = 1.0
     subtitle_words: tuple[int, int] = (4, 10)
     world: str = "information"
 
@@ -176,7 +185,7 @@ class SyntheticCAMERConfig:
         for name in ("audio_noise", "visual_noise", "ambient_noise", "distractor_strength"):
             if getattr(self, name) < 0:
                 raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("scene_strength", "audio_scale", "visual_scale"):
+        for name in ("scene_strength", "audio_scale", "visual_scale", "sign_strength"):
             if getattr(self, name) < 0 or (name != "scene_strength" and getattr(self, name) == 0):
                 raise ValueError(f"synthetic.{name} must be positive, got {getattr(self, name)}")
         if len(self.labels) < 2:
@@ -215,11 +224,14 @@ class World:
         evidence: Sequence stream name -> boolean ``(tokens,)`` mask of the evidence rows.
         scene: Sequence stream name -> orthonormal ``(dim, r)`` scene basis, orthogonal to
             ``W_s`` (only when ``scene_strength > 0``).
+        sign_axis: ``sign_streams`` name -> unit ``(dim,)`` direction ``d`` orthogonal to
+            ``W_s`` that stores each sample's sign.
     """
 
     embed: dict[str, np.ndarray]
     evidence: dict[str, np.ndarray]
     scene: dict[str, np.ndarray]
+    sign_axis: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def build_world(
@@ -273,7 +285,19 @@ def build_world(
             a = side.standard_normal((s.dim, r))
             basis, _ = np.linalg.qr(a - w @ (w.T @ a))
             scene[s.name] = basis
-    return World(embed, evidence, scene), rng
+    # Drawn after every other fixed part, so that worlds without signed streams keep their bytes.
+    sign_axis: dict[str, np.ndarray] = {}
+    for name in config.sign_streams or []:
+        s = next((s for s in streams if s.name == name), None)
+        if s is None or s.sequence or s.dim <= k:
+            raise ValueError(
+                f"synthetic.sign_streams: {name!r} must be a pooled stream with dim > {k} labels"
+            )
+        w = embed[name]
+        a = side.standard_normal(s.dim)
+        d = a - w @ (w.T @ a)
+        sign_axis[name] = d / np.linalg.norm(d)
+    return World(embed, evidence, scene, sign_axis), rng
 
 
 def _subsets(
@@ -396,6 +420,12 @@ def _draw_stream(
         # Version 1's draws exactly: a pooled world keeps its bytes.
         z = sigma * rng.standard_normal(k)
         z[shown] += strength
+        if stream.name in world.sign_axis:  # the label only through a product with the sign
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            z = sign * z
+            x = w @ z + config.sign_strength * sign * world.sign_axis[stream.name]
+            x = x + config.ambient_noise * rng.standard_normal(stream.dim)
+            return x * scale if scale != 1.0 else x
         x = w @ z + config.ambient_noise * rng.standard_normal(stream.dim)
         return x * scale if scale != 1.0 else x
     evidence = world.evidence[stream.name]

@@ -28,7 +28,8 @@ WORLDS = ("null", "information", "token_imbalance", "prior", "optimisation")
 LABELS = ["neutral", "angry", "happy"]
 
 # A small world with every mechanism on: a sequence stream whose evidence is 2 of 4 rows with
-# distractors and scene content, a pooled visual stream, a scaled pooled audio stream.
+# distractors and scene content, a pooled visual stream whose evidence carries a random sign
+# (stored along its own direction: a non-linear read-out), a scaled pooled audio stream.
 SMALL_STREAMS = [
     StreamSpec("face", "mae_340_UTT", "visual", 8, 4, sequence=True),
     StreamSpec("video", "maeV_399_UTT", "visual", 6, 2),
@@ -48,6 +49,8 @@ SMALL_WORLD = SyntheticCAMERConfig(
     audio_scale=3.0,
     train_conflict_ratio=0.2,
     train_audio_share=0.8,
+    sign_streams=["video"],
+    sign_strength=0.3,
 )
 
 
@@ -100,8 +103,14 @@ def brute_force_logpost(
     def stream_ll(s: StreamSpec, shown: int, strength: float) -> float:
         g, w, inv, logdet = _density(s, world, config)
         rows = x[s.name][world.evidence[s.name]] if s.sequence else x[s.name][None]
-        diff = rows - g * strength * w[:, shown]
-        return float(-0.5 * (np.einsum("ti,ij,tj->", diff, inv, diff) + len(rows) * logdet))
+        if s.name not in world.sign_axis:
+            diff = rows - g * strength * w[:, shown]
+            return float(-0.5 * (np.einsum("ti,ij,tj->", diff, inv, diff) + len(rows) * logdet))
+        # A signed stream: the mean is s (a w_shown + m d), s = +-1 equally likely.
+        mean = g * (strength * w[:, shown] + config.sign_strength * world.sign_axis[s.name])
+        lls = [-0.5 * (float((r - sign * mean) @ inv @ (r - sign * mean)) + logdet)
+               for r in rows for sign in (1.0, -1.0)]  # fmt: skip
+        return float(logsumexp(lls) + np.log(0.5))
 
     def modality_ll(modality: str, shown: int, strength: float) -> float:
         return sum(stream_ll(s, shown, strength) for s in SMALL_STREAMS if s.modality == modality)
@@ -150,7 +159,13 @@ def simulate(world, config: SyntheticCAMERConfig, subset: str, rng: np.random.Ge
         evidence = world.evidence[s.name] if s.sequence else np.ones(1, bool)
         z[evidence, shown[m]] += a
         z[~evidence, rng.integers(k, size=int((~evidence).sum()))] += config.distractor_strength
-        f = z @ w.T + config.ambient_noise * rng.standard_normal((rows, s.dim))
+        if s.name in world.sign_axis:
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            z = sign * z
+            f = z @ w.T + config.sign_strength * sign * world.sign_axis[s.name]
+            f = f + config.ambient_noise * rng.standard_normal((rows, s.dim))
+        else:
+            f = z @ w.T + config.ambient_noise * rng.standard_normal((rows, s.dim))
         if s.name in world.scene:
             u = world.scene[s.name]
             f += config.scene_strength * rng.standard_normal((rows, u.shape[1])) @ u.T
@@ -340,3 +355,40 @@ def test_cli_fits_a_sequence_stream_world_and_logs_the_bounds(workdir, capsys):
         assert metrics[f"{split}/bayes/modality_gap"] == pytest.approx(expected, abs=1e-6)
         gap = metrics[f"{split}/modality_gap"] - expected
         assert metrics[f"{split}/excess_gap"] == pytest.approx(gap, abs=1e-6)
+
+
+def test_a_signed_stream_needs_a_non_linear_read_out(tmp_path):
+    """The `optimisation` world's visual stream: its Bayes information equals audio's, but a
+    linear read-out of the visual features alone is at chance, while undoing the sign first
+    (a product of two feature directions) reads the label as well as audio's linear one."""
+    init, streams, config = world_config("optimisation")
+    assert config.sign_streams == ["face"]
+    small = replace(config, n_train=1200, n_val=3, n_test=600)
+    root = generate_synthetic_camer(tmp_path, streams, small)
+    world, _ = build_world(streams, small)
+    records = read_manifest(root / "manifest.csv", get_label_space(config.labels))
+    labels = [w.lower() for w in config.labels]
+
+    def arrays(split: str, stream: str):
+        mine = [r for r in records if r.split == split and r.subset == "consistent"]
+        feature_dir = next(s.feature_dir for s in streams if s.name == stream)
+        x = np.stack([np.load(root / feature_dir / f"{r.name}.npy") for r in mine])
+        return x, np.array([labels.index(r.label) for r in mine])
+
+    def linear_accuracy(stream: str, transform=lambda x: x) -> float:
+        (x, y), (xt, yt) = arrays("train", stream), arrays("test", stream)
+        design = np.c_[transform(x), np.ones(len(x))]
+        coef, *_ = np.linalg.lstsq(design, np.eye(len(labels))[y], rcond=None)
+        return float(((np.c_[transform(xt), np.ones(len(xt))] @ coef).argmax(1) == yt).mean())
+
+    chance = 1 / len(labels)
+    assert abs(linear_accuracy("face") - chance) < 0.08  # linear: the sign hides the label
+    d = world.sign_axis["face"]
+    unsigned = linear_accuracy("face", lambda x: x * np.sign(x @ d)[:, None])
+    audio = linear_accuracy("audio")
+    assert unsigned > chance + 0.3 and abs(unsigned - audio) < 0.1
+    with pytest.raises(ValueError, match="sign_streams: 'audio' must be a pooled stream"):
+        build_world(
+            [StreamSpec("audio", "a", "audio", 3)],  # no room beside 3 label directions
+            SyntheticCAMERConfig(labels=LABELS, sign_streams=["audio"]),
+        )
