@@ -7,14 +7,12 @@ It has no weights (the tower runs inside the backbone). As an online encoder
 (``data.source: media``); with ``extract`` it writes the features once into a feature store.
 """
 
-from pathlib import Path
-
 import lightning as L
 import torch
-from transformers import WhisperFeatureExtractor
 
 from src.data.components.media import SAMPLE_RATE
 from src.models.backbones.qwen_omni import MELS_PER_TOKEN, pack_audio
+from src.models.qwen_omni_inputs import whisper_extractor
 
 
 def audio_tokens_of(frames: int) -> int:
@@ -40,16 +38,8 @@ class Qwen2AudioInput(L.LightningModule):
 
     def __init__(self, processor: str, tokens: int) -> None:
         super().__init__()
-        if not Path(processor).is_dir():
-            raise ValueError(
-                f"Qwen2AudioInput: processor={processor!r} is not a local directory (the "
-                "Qwen2-Audio checkpoint directory holding preprocessor_config.json); nothing is "
-                "downloaded"
-            )
+        self.extractor = whisper_extractor("Qwen2AudioInput", processor, "Qwen2-Audio")
         self.save_hyperparameters()
-        self.extractor = WhisperFeatureExtractor.from_pretrained(processor, local_files_only=True)
-        if self.extractor.sampling_rate != SAMPLE_RATE:
-            raise ValueError(f"the feature extractor expects {self.extractor.sampling_rate} Hz")
         self.tokens = tokens
         self.frames = tokens * MELS_PER_TOKEN
         self.samples = self.frames * self.extractor.hop_length - self.extractor.n_fft // 2

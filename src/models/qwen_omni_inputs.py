@@ -20,13 +20,23 @@ from src.data.components.media import SAMPLE_RATE
 from src.models.backbones.qwen_omni import MELS_PER_TOKEN, pack_audio, pack_video
 
 
-def _local_dir(owner: str, processor: str) -> str:
+def _local_dir(owner: str, processor: str, model: str = "Qwen2.5-Omni") -> str:
     if not Path(processor).is_dir():
         raise ValueError(
-            f"{owner}: processor={processor!r} is not a local directory (the Qwen2.5-Omni "
+            f"{owner}: processor={processor!r} is not a local directory (the {model} "
             "checkpoint directory holding preprocessor_config.json); nothing is downloaded"
         )
     return processor
+
+
+def whisper_extractor(owner: str, processor: str, model: str) -> WhisperFeatureExtractor:
+    """The ``WhisperFeatureExtractor`` of a local ``model`` directory, at the decoder's rate."""
+    extractor = WhisperFeatureExtractor.from_pretrained(
+        _local_dir(owner, processor, model), local_files_only=True
+    )
+    if extractor.sampling_rate != SAMPLE_RATE:
+        raise ValueError(f"the feature extractor expects {extractor.sampling_rate} Hz")
+    return extractor
 
 
 class QwenOmniAudioInput(L.LightningModule):
@@ -45,11 +55,7 @@ class QwenOmniAudioInput(L.LightningModule):
         if tokens < 1:
             raise ValueError(f"QwenOmniAudioInput: tokens must be positive, got {tokens}")
         self.save_hyperparameters()
-        self.extractor = WhisperFeatureExtractor.from_pretrained(
-            _local_dir("QwenOmniAudioInput", processor), local_files_only=True
-        )
-        if self.extractor.sampling_rate != SAMPLE_RATE:
-            raise ValueError(f"the feature extractor expects {self.extractor.sampling_rate} Hz")
+        self.extractor = whisper_extractor("QwenOmniAudioInput", processor, "Qwen2.5-Omni")
         self.tokens = tokens
         self.samples = tokens * MELS_PER_TOKEN * self.extractor.hop_length
 

@@ -268,7 +268,7 @@ def sharp_omni_dir(tmp_path_factory) -> Path:
     return write_omni_dir(tmp_path_factory.mktemp("qwen_omni_sharp"), init_range=0.5)
 
 
-def test_it_scores_and_generates_at_the_thinkers_own_tmrope_positions(sharp_omni_dir):
+def test_it_scores_and_generates_at_the_thinkers_own_tmrope_positions(sharp_omni_dir, workdir):
     """Closed-set scores (prompt once + answer tree) and greedy generation equal the thinker's
     own forward and generate on its own inputs (token ids, log-mels, pixels, grid, seconds per
     grid), which compute TMRoPE positions themselves."""

@@ -48,9 +48,8 @@ from src.core.errors import InvalidInputError
 from src.core.modality import Modality
 from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
-from src.io.local_weights import resolve_local
 from src.models.backbones.base import EmotionBackbone, require_weights
-from src.models.backbones.causal_lm import resolve_dtype
+from src.models.backbones.causal_lm import load_multimodal_model
 from src.models.backbones.qwen_omni import MELS_PER_TOKEN, unpack_audio
 from src.models.projector import FeatureProjector
 
@@ -112,35 +111,14 @@ class Qwen2AudioWithFrames(EmotionBackbone):
         }
 
     # ---------------------------------------------------------------------------- building
-    def _load_model(self, vocab_size: int) -> Qwen2AudioForConditionalGeneration:
-        dtype = resolve_dtype(self.dtype_name)
-        cls = Qwen2AudioForConditionalGeneration
-        if self.path is not None:
-            path = str(resolve_local(self.path, "model.backbone.path"))
-            return cls.from_pretrained(
-                path,
-                local_files_only=True,
-                dtype=dtype,
-                attn_implementation=self.attn_implementation,
-            )
-        kwargs = dict(self.config or {})
-        text = dict(kwargs.pop("text_config", None) or {})
-        text.setdefault("vocab_size", vocab_size)
-        config = Qwen2AudioConfig(text_config=text, **kwargs)
-        if self.attn_implementation is not None:
-            config._attn_implementation = self.attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = cls(config)
-        return model.to(dtype)
-
     def build(self, tokenizer: PreTrainedTokenizerBase, streams: Sequence[StreamSpec]) -> None:
         if self.is_built:
             raise RuntimeError(f"{type(self).__name__}.build() was already called")
         self.streams = list(streams)
-        model = self._load_model(len(tokenizer))
-        model.requires_grad_(False)
-        model.eval()
+        model = load_multimodal_model(
+            Qwen2AudioForConditionalGeneration, Qwen2AudioConfig, self.path, self.config,
+            len(tokenizer), self.dtype_name, self.attn_implementation, self.seed,
+        )  # fmt: skip
         self.audio_tower = model.model.audio_tower
         self.audio_projector = model.model.multi_modal_projector
         # The text part is a plain Qwen2Model + head: HF's own Qwen2ForCausalLM around the
@@ -152,11 +130,6 @@ class Qwen2AudioWithFrames(EmotionBackbone):
         #: The placeholder id of the audio positions, and its token.
         self.audio_token_id = int(model.config.audio_token_id)
         self._audio_token = tokenizer.convert_ids_to_tokens(self.audio_token_id)
-        if self.input_embeddings().num_embeddings < len(tokenizer):
-            raise InvalidInputError(
-                f"the tokenizer has {len(tokenizer)} tokens but Qwen2-Audio embeds only "
-                f"{self.input_embeddings().num_embeddings}: use the checkpoint's own tokenizer"
-            )
         self._check_streams()
         visual = [s for s in self.streams if s.modality_id == Modality.VISUAL]
         self.projectors = nn.ModuleDict(

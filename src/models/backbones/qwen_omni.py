@@ -64,9 +64,8 @@ from src.core.errors import InvalidInputError
 from src.core.modality import Modality
 from src.core.plain_data import PlainValue
 from src.core.streams import StreamSpec
-from src.io.local_weights import resolve_local
 from src.models.backbones.base import EmotionBackbone, require_weights
-from src.models.backbones.causal_lm import resolve_dtype
+from src.models.backbones.causal_lm import load_multimodal_model
 
 #: Mel frames per audio token: the tower's stride-2 conv, then its stride-2 average pooling.
 MELS_PER_TOKEN = 4
@@ -213,35 +212,14 @@ class QwenOmniThinker(EmotionBackbone):
         }
 
     # ---------------------------------------------------------------------------- building
-    def _load_thinker(self, vocab_size: int) -> Qwen2_5OmniThinkerForConditionalGeneration:
-        dtype = resolve_dtype(self.dtype_name)
-        cls = Qwen2_5OmniThinkerForConditionalGeneration
-        if self.path is not None:
-            path = str(resolve_local(self.path, "model.backbone.path"))
-            return cls.from_pretrained(
-                path,
-                local_files_only=True,
-                dtype=dtype,
-                attn_implementation=self.attn_implementation,
-            )
-        kwargs = dict(self.config or {})
-        text = dict(kwargs.pop("text_config", None) or {})
-        text.setdefault("vocab_size", vocab_size)
-        config = Qwen2_5OmniThinkerConfig(text_config=text, **kwargs)
-        if self.attn_implementation is not None:
-            config._attn_implementation = self.attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            thinker = cls(config)
-        return thinker.to(dtype)
-
     def build(self, tokenizer: PreTrainedTokenizerBase, streams: Sequence[StreamSpec]) -> None:
         if self.is_built:
             raise RuntimeError(f"{type(self).__name__}.build() was already called")
         self.streams = list(streams)
-        thinker = self._load_thinker(len(tokenizer))
-        thinker.requires_grad_(False)
-        thinker.eval()
+        thinker = load_multimodal_model(
+            Qwen2_5OmniThinkerForConditionalGeneration, Qwen2_5OmniThinkerConfig, self.path,
+            self.config, len(tokenizer), self.dtype_name, self.attn_implementation, self.seed,
+        )  # fmt: skip
         self.audio_tower = thinker.model.audio_tower
         self.visual = thinker.model.visual
         self.language_model = OmniThinkerLM(thinker.model.language_model, thinker.lm_head)
@@ -269,11 +247,6 @@ class QwenOmniThinker(EmotionBackbone):
         self._placeholder_tokens = tokenizer.convert_ids_to_tokens(
             [self.audio_token_id, self.video_token_id]
         )
-        if self.input_embeddings().num_embeddings < len(tokenizer):
-            raise InvalidInputError(
-                f"the tokenizer has {len(tokenizer)} tokens but the thinker embeds only "
-                f"{self.input_embeddings().num_embeddings}: use the checkpoint's own tokenizer"
-            )
         self._check_streams()
 
     @property
